@@ -1,0 +1,5 @@
+"""`python -m swallowctl` (and `accelerate launch -m swallowctl`)."""
+
+from swallowctl.cli import main
+
+main()

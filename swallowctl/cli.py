@@ -1,0 +1,274 @@
+"""The `swallowctl` command line: parse, call the library, render. Nothing else lives here.
+
+Heavy libraries are imported inside the commands that need them: `swallowctl --help` must start
+in well under a second and import no torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from swallowctl import __version__
+from swallowctl.core import console
+from swallowctl.core.errors import NotBuiltYetError, UsageError
+
+
+class _Group(TyperGroup):
+    """Maps every SwallowError (and Ctrl-C) to one stderr line and its exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # Typer's own usage errors and exits: it renders them (exit 2 for usage)
+        except KeyboardInterrupt:
+            console.err.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:
+            raise typer.Exit(console.report_error(e)) from None
+
+
+def _app(help_text: str) -> typer.Typer:
+    return typer.Typer(
+        cls=_Group,
+        help=help_text,
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+
+app = _app(
+    "PPO-tune Llama-3.1-Swallow-8B on one GPU (4-bit QLoRA), then run it on PyTorch or MLX.\n\n"
+    "MLX is inference only: training needs PyTorch (CUDA for real runs)."
+)
+config_app = _app("Write, show and check config files.")
+app.add_typer(config_app, name="config")
+
+
+def _complete_set(incomplete: str) -> list[str]:
+    from swallowctl.core.config import config_keys
+
+    return [k + "=" for k in config_keys() if k.startswith(incomplete)]
+
+
+# Shared options: one definition each, so every command spells them the same.
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config (default: built-in settings, the seed's).",
+        envvar="SWALLOWCTL_CONFIG",
+        dir_okay=False,
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override a config key, KEY.PATH=VALUE (repeatable), e.g. --set ppo.lr=2e-5.",
+        autocompletion=_complete_set,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
+
+
+def _start(verbose: bool, quiet: bool) -> None:
+    if verbose and quiet:
+        raise UsageError("--verbose and --quiet contradict each other; give one")
+    console.setup_logging(verbose=verbose, quiet=quiet)
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> Any:
+    from swallowctl.core.config import load_config
+
+    loaded = load_config(config, overrides or ())
+    for w in loaded.warnings:
+        console.warn(w)
+    return loaded
+
+
+# --- commands filled in by later work: registered now, honest about it -------------------------
+
+
+@app.command()
+def download(
+    model: Annotated[
+        str | None, typer.Argument(help="Alias or Hub id (default: Swallow-8B).")
+    ] = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fetch the model (or its MLX 4-bit twin) from the Hugging Face Hub."""
+    _start(verbose, quiet)
+    raise NotBuiltYetError("download")
+
+
+@app.command()
+def doctor(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check whether this machine can train or infer, and what to fix."""
+    _start(verbose, quiet)
+    raise NotBuiltYetError("doctor")
+
+
+@app.command("tune-memory")
+def tune_memory(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find batch, grad-accum and rollout sizes that fit the GPU."""
+    _start(verbose, quiet)
+    raise NotBuiltYetError("tune-memory")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """PPO with QLoRA on one shared 4-bit base (PyTorch only)."""
+    _start(verbose, quiet)
+    raise NotBuiltYetError("train")
+
+
+@app.command()
+def infer(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Chat, answer one prompt, or run a JSONL batch (--backend torch|mlx)."""
+    _start(verbose, quiet)
+    raise NotBuiltYetError("infer")
+
+
+@app.command()
+def export(
+    run: Annotated[Path | None, typer.Argument(help="A trained adapter, e.g. RUN/final.")] = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge an adapter, or convert it for MLX (--format merged|mlx|mlx-adapter)."""
+    _start(verbose, quiet)
+    raise NotBuiltYetError("export")
+
+
+# --- config and version ------------------------------------------------------------------------
+
+
+FileArg = Annotated[
+    Path | None, typer.Argument(help="Config file (same as --config).", dir_okay=False)
+]
+
+
+def _pick(file: Path | None, config: Path | None) -> Path | None:
+    if file and config and file != config:
+        raise UsageError(f"two config files given ({file} and --config {config}); give one")
+    return file or config
+
+
+@config_app.command("init")
+def config_init(
+    path: Annotated[Path, typer.Argument(help="Where to write.", dir_okay=False)] = Path(
+        "swallowctl.yaml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a commented starter config with every key and its default."""
+    from swallowctl.core.config import write_starter
+
+    _start(verbose, quiet)
+    write_starter(path, force=force)
+    console.err.print(f"wrote {path}; check it with: swallowctl config validate {path}")
+
+
+@config_app.command("show")
+def config_show(
+    file: FileArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Print the resolved config (--set > file > defaults) and the batch sizes it implies."""
+    from swallowctl.core.config import dump_config, render_yaml
+
+    _start(verbose, quiet)
+    loaded = _load(_pick(file, config), set_)
+    sizes = loaded.config.sizes()
+    if json_:
+        console.print_json(
+            {
+                "config": dump_config(loaded.config),
+                "sizes": vars(sizes),
+                "warnings": loaded.warnings,
+            }
+        )
+        return
+    console.print_text(render_yaml(loaded.config, sizes))
+
+
+@config_app.command("validate")
+def config_validate(
+    file: FileArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check a config file; errors name FILE:LINE and the key (exit 2)."""
+    _start(verbose, quiet)
+    path = _pick(file, config)
+    loaded = _load(path, set_)
+    name = str(path) if path else "the default config"
+    if json_:
+        console.print_json(
+            {"file": str(path) if path else None, "valid": True, "warnings": loaded.warnings}
+        )
+    elif not quiet:
+        n = len(loaded.warnings)
+        console.print_text(f"{name} is valid" + (f" ({n} warning{'s' * (n != 1)})" if n else ""))
+
+
+@app.command()
+def version(json_: JsonOpt = False) -> None:
+    """Print the version of swallowctl and of the libraries it uses."""
+    from swallowctl.core.env import package_versions
+
+    if json_:
+        console.print_json({"swallowctl": __version__, "packages": package_versions()})
+        return
+    console.print_text(f"swallowctl {__version__}")
+    for name, v in package_versions().items():
+        console.print_text(f"  {name} {v or '(not installed)'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="swallowctl")

@@ -1,0 +1,124 @@
+"""Where output goes: results to stdout (text or `--json`), logs, progress and errors to stderr.
+
+The library logs through `logging` ("swallowctl.*"); only this module writes to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from swallowctl.core.errors import SwallowError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _debug_env() -> bool:
+    return os.environ.get("SWALLOWCTL_DEBUG", "") not in ("", "0")
+
+
+@dataclass
+class _State:
+    verbose: bool = _debug_env()
+    quiet: bool = False
+
+
+state = _State()
+
+
+def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
+    """Route the library's logging through rich on stderr. Called once per command."""
+    state.verbose = verbose or _debug_env()
+    state.quiet = quiet
+    level = logging.DEBUG if state.verbose else logging.WARNING if quiet else logging.INFO
+    logger = logging.getLogger("swallowctl")
+    logger.handlers.clear()
+    handler = RichHandler(
+        console=err, show_time=state.verbose, show_path=state.verbose, markup=False
+    )
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def print_json(data: Any) -> None:
+    """One JSON document on stdout (UTF-8, Japanese kept readable)."""
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_text(text: str) -> None:
+    """A plain result line on stdout, no markup interpretation."""
+    out.print(text, markup=False, highlight=False)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, shown unless --quiet."""
+    if not state.quiet:
+        err.print(Text.assemble(("warning: ", "yellow"), message), highlight=False)
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    """A rich table; the caller prints it with `out.print`."""
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    return t
+
+
+def download_progress() -> Progress:
+    """Progress bar for byte transfers, on stderr; silent with --quiet."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=state.quiet,
+        transient=False,
+    )
+
+
+def report_error(e: BaseException) -> int:
+    """Print an error as one line (plus hint) on stderr and return the exit code.
+
+    Known errors (SwallowError) are the user's to fix or a clear runtime failure; anything else is
+    our bug: one line too, with the traceback only under --verbose / SWALLOWCTL_DEBUG=1.
+    """
+    if state.verbose:
+        err.print("".join(traceback.format_exception(e)), markup=False, highlight=False)
+    # Text objects, not markup: messages quote user input, which may contain [brackets].
+    if isinstance(e, SwallowError):
+        for line in e.message.splitlines():
+            err.print(Text.assemble(("error: ", "bold red"), line), highlight=False)
+        if e.hint:
+            err.print(Text.assemble(("hint: ", "cyan"), e.hint), highlight=False)
+        return e.exit_code
+    err.print(Text.assemble(("error: ", "bold red"), f"unexpected {type(e).__name__}: {e}"))
+    if not state.verbose:
+        err.print(Text.assemble(("hint: ", "cyan"), "run again with --verbose for the traceback"))
+    return 1

@@ -1,0 +1,67 @@
+"""Error kinds. Each carries its exit code and a one-line hint; cli.py renders them.
+
+Exit codes: 2 for what the user can fix in their command, config or data; 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+
+class SwallowError(Exception):
+    """Base of every error swallowctl reports as one line (plus an optional hint)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(SwallowError):
+    """Bad flags or flag combinations."""
+
+    exit_code = 2
+
+
+class ConfigError(SwallowError):
+    """A config file or `--set` override is wrong; the message starts `FILE:LINE: key.path:`."""
+
+    exit_code = 2
+
+
+class DataError(SwallowError):
+    """Prompt/input data is malformed. The message starts with `FILE:LINE:`."""
+
+    exit_code = 2
+
+
+class MissingDependencyError(SwallowError):
+    """An optional extra is not installed; the hint says which `pip install` fixes it."""
+
+    exit_code = 1
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs {package}, which is not installed",
+            hint=f"pip install 'swallowctl[{extra}]'",
+        )
+        self.package = package
+        self.extra = extra
+
+
+class NotBuiltYetError(SwallowError):
+    """A subcommand that is registered but not implemented yet: say so plainly, never pretend."""
+
+    exit_code = 1
+
+    def __init__(self, command: str) -> None:
+        super().__init__(
+            f"'swallowctl {command}' is not built yet in this version",
+            hint="see CHANGELOG.md for what is available; 'swallowctl --help' lists every command",
+        )
+
+
+class RuntimeFailure(SwallowError):
+    """Something failed while running (I/O, a model, the network)."""
+
+    exit_code = 1
