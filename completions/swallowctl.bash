@@ -43,8 +43,9 @@ _swallowctl() {
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
+                --backend) COMPREPLY=($(compgen -W "torch mlx" -- "$cur")); return ;;
             esac
-            COMPREPLY=($(compgen -W "--config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--config -c --set --backend --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "tune-memory")
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;

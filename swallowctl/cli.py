@@ -6,6 +6,7 @@ in well under a second and import no torch.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -83,6 +84,16 @@ VerboseOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")]
 
 
+class Backend(StrEnum):
+    torch = "torch"
+    mlx = "mlx"
+
+
+BackendOpt = Annotated[
+    Backend, typer.Option("--backend", help="torch (train and infer) or mlx (inference only).")
+]
+
+
 def _start(verbose: bool, quiet: bool) -> None:
     if verbose and quiet:
         raise UsageError("--verbose and --quiet contradict each other; give one")
@@ -118,13 +129,23 @@ def download(
 def doctor(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    backend: BackendOpt = Backend.torch,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check whether this machine can train or infer, and what to fix."""
+    """Check whether this machine can train or infer the configured model, and what to fix."""
+    from swallowctl.doctor import run_doctor
+
     _start(verbose, quiet)
-    raise NotBuiltYetError("doctor")
+    loaded = _load(config, set_)
+    report = run_doctor(loaded.config, backend.value)
+    if json_:
+        console.print_json(report.model_dump(mode="json"))
+    else:
+        console.render_doctor(report)
+    if report.failed:
+        raise typer.Exit(1)
 
 
 @app.command("tune-memory")

@@ -51,9 +51,7 @@ def test_python_dash_m_works() -> None:
     assert r.stdout.startswith(f"swallowctl {__version__}")
 
 
-@pytest.mark.parametrize(
-    "command", ["download", "doctor", "tune-memory", "train", "infer", "export"]
-)
+@pytest.mark.parametrize("command", ["tune-memory", "train", "infer", "export"])
 def test_unbuilt_commands_say_so_and_exit_1(command: str) -> None:
     code, out, err = run(command)
     assert code == 1
@@ -168,3 +166,9 @@ def test_version_json() -> None:
     doc = json.loads(out)
     assert doc["swallowctl"] == __version__
     assert "torch" in doc["packages"]
+
+
+def test_example_configs_are_valid() -> None:
+    for path in (Path(__file__).parent.parent / "examples").glob("*.yaml"):
+        code, _, err = run("config", "validate", str(path))
+        assert code == 0, f"{path}: {err}"

@@ -85,7 +85,7 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
     return p
 
 
-def error_of(path: Path, overrides: tuple[str, ...] = ()) -> str:
+def error_of(path: Path | None, overrides: tuple[str, ...] = ()) -> str:
     with pytest.raises(ConfigError) as e:
         load_config(path, overrides)
     return e.value.message
@@ -239,8 +239,8 @@ def test_overrides_win_and_speak_the_dialect(tmp_path: Path) -> None:
 def test_bad_overrides(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         load_config(None, ("ppo.lr",))
-    assert error_of(None, ("ppo.lrr=1",)) == "--set: ppo.lrr: unknown key 'lrr'; did you mean 'lr'?"  # type: ignore[arg-type]
-    assert error_of(None, ("ppo.lr=abc",)).startswith("--set: ppo.lr: Input should be a valid")  # type: ignore[arg-type]
+    assert error_of(None, ("ppo.lrr=1",)) == "--set: ppo.lrr: unknown key 'lrr'; did you mean 'lr'?"
+    assert error_of(None, ("ppo.lr=abc",)).startswith("--set: ppo.lr: Input should be a valid")
 
 
 def test_parse_override_reads_yaml_values() -> None:

@@ -60,6 +60,14 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.DEBUG if state.verbose else logging.ERROR)
+
+
+# Libraries that warn about things users cannot act on. bitsandbytes on CPU says it could not
+# fetch an optional kernel from the Hub (`kernels` package): its built-in fallback works, and we
+# would not want code fetched from the Hub at run time anyway.
+_NOISY = ("bitsandbytes.backends.cpu.ops",)
 
 
 def print_json(data: Any) -> None:
@@ -87,6 +95,28 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for r in rows:
         t.add_row(*("" if v is None else str(v) for v in r))
     return t
+
+
+_STATUS_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "dim"}
+
+
+def render_doctor(report: Any) -> None:
+    """The doctor's table and verdict (report: swallowctl.doctor.DoctorReport)."""
+    t = Table(header_style="bold", show_lines=False)
+    for c in ("check", "status", "value", "fix"):
+        t.add_column(c, overflow="fold")
+    for c in report.checks:
+        t.add_row(
+            c.title,
+            Text(c.status, style=_STATUS_STYLE[c.status]),
+            Text(c.value),
+            Text(c.fix or ""),
+        )
+    out.print(t)
+    v = report.verdict
+    style = "green" if (v.can_train if v.backend == "torch" else v.can_infer) else "bold red"
+    out.print(Text.assemble(("verdict: ", "bold"), (v.summary, style)))
+    out.print(Text.assemble(("memory: ", "bold"), v.memory))
 
 
 def download_progress() -> Progress:
