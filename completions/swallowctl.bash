@@ -36,9 +36,12 @@ _swallowctl() {
             COMPREPLY=($(compgen -W "download doctor tune-memory train infer export version config --help -h" -- "$cur")) ;;
         "download")
             case "$prev" in
-
+                --revision) COMPREPLY=(); return ;;
+                --local-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --include) COMPREPLY=(); return ;;
+                --exclude) COMPREPLY=(); return ;;
             esac
-            COMPREPLY=($(compgen -W "--verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--mlx --revision --local-dir --include --exclude --dry-run --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "doctor")
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;

@@ -6,6 +6,7 @@ in well under a second and import no torch.
 
 from __future__ import annotations
 
+import dataclasses
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -112,17 +113,49 @@ def _load(config: Path | None, overrides: list[str] | None) -> Any:
 # --- commands filled in by later work: registered now, honest about it -------------------------
 
 
+PatternOpt = Annotated[list[str] | None, typer.Option(help="Glob pattern (repeatable).")]
+
+
 @app.command()
 def download(
     model: Annotated[
-        str | None, typer.Argument(help="Alias or Hub id (default: Swallow-8B).")
+        str | None, typer.Argument(help="Alias or Hub id (default: Swallow-8B-Instruct v0.5).")
     ] = None,
+    mlx: Annotated[bool, typer.Option("--mlx", help="Fetch the MLX 4-bit twin.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit.")] = None,
+    local_dir: Annotated[
+        Path | None, typer.Option(help="Download here instead of the Hub cache.", file_okay=False)
+    ] = None,
+    include: PatternOpt = None,
+    exclude: PatternOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List files and total size; fetch nothing.")
+    ] = False,
+    json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fetch the model (or its MLX 4-bit twin) from the Hugging Face Hub."""
+    """Fetch the model (or its MLX 4-bit twin) from the Hub; interrupted downloads resume."""
+    from swallowctl.hub import download as fetch
+    from swallowctl.hub import plan_download
+
     _start(verbose, quiet)
-    raise NotBuiltYetError("download")
+    plan = plan_download(
+        model, mlx=mlx, revision=revision, include=include, exclude=exclude, local_dir=local_dir
+    )
+    if dry_run:
+        if json_:
+            console.print_json(dataclasses.asdict(plan))
+        else:
+            console.render_download_plan(plan)
+        return
+    with console.download_progress() as bar:
+        result = fetch(plan, on_progress=console.file_progress(bar))
+    if json_:
+        console.print_json(dataclasses.asdict(result))
+        return
+    console.print_text(f"{result.repo_id} @ {result.commit}")
+    console.print_text(f"files: {result.path}")
 
 
 @app.command()

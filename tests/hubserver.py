@@ -11,7 +11,9 @@ It serves `{repo_id: {filename: bytes}}` through the endpoints `huggingface_hub`
 
 Revisions are `main` and the repo's commit (a sha1 of its content). `fail_once` cuts one GET of
 a file after N bytes, to exercise retries (huggingface_hub 2.4 resumes with a Range request only
-past whole 10 MiB chunks it has written; an earlier cut restarts the file from byte 0). Every
+past whole 10 MiB chunks it has written; an earlier cut restarts the file from byte 0). `cut_at`
+stops every GET of a file at an absolute byte offset until the entry is removed: a connection
+that keeps dropping, so a client gives up and must resume on its next run. Every
 request is recorded in `requests` (never the token itself). Point huggingface_hub at it with
 `use_hub(monkeypatch, server, tmp_path)`.
 """
@@ -60,6 +62,7 @@ class HubServer:
     gated: set[str] = field(default_factory=set)
     allowed_tokens: set[str] = field(default_factory=set)
     fail_once: dict[tuple[str, str], int] = field(default_factory=dict)
+    cut_at: dict[tuple[str, str], int] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     _httpd: ThreadingHTTPServer | None = field(default=None, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
@@ -306,6 +309,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
         body = data[start : end + 1]
         cut = None if head else self.hub.fail_once.pop((repo, filename), None)
+        if not head and (repo, filename) in self.hub.cut_at:
+            cut = max(self.hub.cut_at[(repo, filename)] - start, 0)
         self._send(status, body, headers, head=head, cut_after=cut)
 
     # ---- replies ------------------------------------------------------------------------

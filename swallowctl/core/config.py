@@ -68,7 +68,9 @@ class LoraSection(_Section):
 
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="0 for PPO: dropout makes the first ratio differ from 1"
+    )
     target_modules: str | list[str] = Field("all-linear", description="peft target_modules")
     init_adapter: str | None = Field(
         None, description="start from this (SFT) adapter; a frozen copy of it is the reference"

@@ -5,12 +5,13 @@ The library logs through `logging` ("swallowctl.*"); only this module writes to 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,12 @@ def print_text(text: str) -> None:
     out.print(text, markup=False, highlight=False)
 
 
+def info(message: str) -> None:
+    """A progress or plan line on stderr, shown unless --quiet."""
+    if not state.quiet:
+        err.print(Text(message), highlight=False)
+
+
 def warn(message: str) -> None:
     """A warning on stderr, shown unless --quiet."""
     if not state.quiet:
@@ -117,6 +124,69 @@ def render_doctor(report: Any) -> None:
     style = "green" if (v.can_train if v.backend == "torch" else v.can_infer) else "bold red"
     out.print(Text.assemble(("verdict: ", "bold"), (v.summary, style)))
     out.print(Text.assemble(("memory: ", "bold"), v.memory))
+
+
+@contextlib.contextmanager
+def update_progress(total: int) -> Iterator[Callable[[int, dict[str, float]], None]]:
+    """A progress bar over PPO updates; yields the trainer's `on_update(update, metrics)`."""
+    bar = Progress(
+        TextColumn("update {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=state.quiet,
+    )
+    task = bar.add_task("train", total=total, stats="")
+
+    def on_update(update: int, m: dict[str, float]) -> None:
+        stats = (
+            f"reward {m.get('objective/scores', float('nan')):+.3f} "
+            f"kl {m.get('objective/kl', float('nan')):.4f} "
+            f"{m.get('throughput/episodes_per_s', 0.0):.1f} ep/s"
+        )
+        bar.update(task, completed=update, stats=stats)
+
+    with bar:
+        yield on_update
+
+
+def render_download_plan(plan: Any) -> None:
+    """`download --dry-run`: what would be fetched (plan: swallowctl.hub.DownloadPlan)."""
+    t = table(
+        f"{plan.repo_id} @ {plan.commit} -> {plan.destination}",
+        ["file", "size", "on disk"],
+        [(f.path, _size(f.size), _size(f.present_bytes)) for f in plan.files],
+    )
+    out.print(t)
+    for f in plan.skipped:
+        out.print(Text(f"skipped {f.path} ({_size(f.size)}): {f.reason}", style="dim"))
+    out.print(
+        Text(f"total {_size(plan.total_bytes)}, still to fetch {_size(plan.remaining_bytes)}")
+    )
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    x = float(n)
+    for unit in ("B", "KB", "MB"):
+        if x < 1000:
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1000
+    return f"{x:.1f} GB"
+
+
+def file_progress(bar: Progress) -> Callable[[str, int, int], None]:
+    """An `on_progress(path, done, total)` callback drawing one bar per file."""
+    tasks: dict[str, Any] = {}
+
+    def update(path: str, done: int, total: int) -> None:
+        if path not in tasks:
+            tasks[path] = bar.add_task(path, total=total, completed=done)
+        bar.update(tasks[path], completed=done)
+
+    return update
 
 
 def download_progress() -> Progress:
