@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/swallowctl doctor -c examples/quickstart.yaml
+	$(VENV)/bin/swallowctl train -c examples/quickstart.yaml
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

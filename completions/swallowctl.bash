@@ -53,14 +53,16 @@ _swallowctl() {
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
+                --model) COMPREPLY=(); return ;;
+                --vram) COMPREPLY=(); return ;;
             esac
-            COMPREPLY=($(compgen -W "--config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--config -c --set --model --vram --write --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "train")
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
             esac
-            COMPREPLY=($(compgen -W "--config -c --set --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--config -c --set --resume --dry-run --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "infer")
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;

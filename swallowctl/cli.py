@@ -185,25 +185,81 @@ def doctor(
 def tune_memory(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", help="Size this model instead of the config's (alias, Hub id, dir)."
+        ),
+    ] = None,
+    vram: Annotated[
+        float | None,
+        typer.Option(
+            "--vram",
+            help="GPU memory to fit in, GiB (default: model.max_memory_per_device_gib, "
+            "else this machine's free GPU memory).",
+        ),
+    ] = None,
+    write: Annotated[
+        bool, typer.Option("--write", help="Write the suggestion into the --config file.")
+    ] = False,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find batch, grad-accum and rollout sizes that fit the GPU."""
+    """Find batch, grad-accum and rollout sizes that fit the GPU.
+
+    Exit 0 with the fastest settings that fit; exit 1 when nothing fits, with what to give up.
+    --write edits --config in place (comments kept); otherwise paste the --set options shown.
+    """
+    from swallowctl.memory import tune_config, write_changes
+    from swallowctl.memory.render import renderables, to_json
+
     _start(verbose, quiet)
-    raise NotBuiltYetError("tune-memory")
+    if write and config is None:
+        raise UsageError("--write needs --config FILE", hint="or paste the --set options shown")
+    loaded = _load(config, set_)
+    result = tune_config(loaded.config, model=model, vram_gib=vram)
+    written = write_changes(config, result.changes) if write and config and result.changes else []
+    if json_:
+        console.print_json(to_json(result, written))
+    else:
+        for item in renderables(result, written):
+            console.out.print(item)
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 @app.command()
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Check config, data and rewards; print the plan; stop."),
+    ] = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """PPO with QLoRA on one shared 4-bit base (PyTorch only)."""
+    """PPO with QLoRA on one shared 4-bit base (PyTorch only; MLX cannot train)."""
+    from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
+
     _start(verbose, quiet)
-    raise NotBuiltYetError("train")
+    cfg = _load(config, set_).config
+    plan = make_plan(cfg)
+    for line in plan.lines():
+        console.info(line)
+    check_inputs(cfg)
+    if dry_run:
+        console.print_text("dry run: config, data and rewards are valid; nothing trained")
+        return
+    with console.update_progress(plan.sizes.total_updates) as on_update:
+        result = PPOTrainer(cfg, resume=resume, on_update=on_update).run()
+    console.print_text(f"adapter: {result.final_dir}")
+    if result.stopped_early:
+        console.warn(f"stopped early: {result.stopped_early}")
 
 
 @app.command()

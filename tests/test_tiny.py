@@ -335,10 +335,11 @@ def test_bnb_4bit_on_cpu(built: dict[str, Path], torch_policy: tuple[Any, Any]) 
         got = qmodel(ids).logits
     assert torch.isfinite(got).all()
     assert not torch.equal(got, ref)  # it really is quantized
-    # NF4 rounding on 0.02-std weights: logits stay close in direction and size (seen: cos 0.99).
+    # NF4 rounding: logits stay close in direction and size (seen: cos 0.99, worst error about a
+    # quarter of the largest logit, which is ~6 with the 0.2-std head).
     cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
     assert cos > 0.95
-    assert (got - ref).abs().max() < 0.5
+    assert (got - ref).abs().max() < 0.4 * ref.abs().max()
 
 
 def test_mlx_matches_torch(built: dict[str, Path], torch_policy: tuple[Any, Any]) -> None:
@@ -378,7 +379,7 @@ def test_mlx_matches_torch(built: dict[str, Path], torch_policy: tuple[Any, Any]
     assert isinstance(mmodel.model.layers[0].self_attn.k_proj, nn.QuantizedLinear)
     assert isinstance(mmodel.lm_head, nn.QuantizedLinear)
     qgot = np.array(mmodel(mx.array(ids.numpy())).astype(mx.float32))
-    assert np.isfinite(qgot).all() and np.abs(qgot - ref).max() < 0.5
+    assert np.isfinite(qgot).all() and np.abs(qgot - ref).max() < 0.4 * np.abs(ref).max()
 
 
 def test_reward_model_scores_each_sequence(built: dict[str, Path]) -> None:

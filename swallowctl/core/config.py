@@ -67,7 +67,7 @@ class LoraSection(_Section):
     """The policy's LoRA adapter."""
 
     r: int = Field(16, gt=0)
-    alpha: float = Field(32.0, gt=0)
+    alpha: int = Field(32, gt=0)
     dropout: float = Field(
         0.0, ge=0, lt=1, description="0 for PPO: dropout makes the first ratio differ from 1"
     )
@@ -164,7 +164,9 @@ class PPOSection(_Section):
     total_updates: int | None = Field(None, gt=0, description="PPO updates (default 100)")
     total_episodes: int | None = Field(None, gt=0, description="or: samples in all (TRL's name)")
     gradient_checkpointing: bool = True
-    logits_chunk_size: int = Field(1024, gt=0, description="tokens per log-prob chunk")
+    logits_chunk_size: int = Field(
+        256, gt=0, description="tokens per log-prob chunk (x 128k vocab x 4 B each for Llama)"
+    )
     # PPO objective (TRL 1.12's formulas).
     kl_coef: float = Field(0.05, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k1"

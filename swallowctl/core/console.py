@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,12 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
     logger.propagate = False
     for name in _NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if state.verbose else logging.ERROR)
+    if not state.verbose:
+        # Per-file "Loading weights" bars and deprecation notices about library internals are
+        # noise to a user of swallowctl; --verbose shows them.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 # Libraries that warn about things users cannot act on. bitsandbytes on CPU says it could not

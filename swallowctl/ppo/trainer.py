@@ -1,0 +1,708 @@
+"""The PPO loop, top to bottom: rollout -> score -> KL penalty -> GAE -> epochs x mini-batches x
+micro-batches -> log -> checkpoint. Formulas live in `algo.py`; this file only moves data.
+
+Prefixes: `b_` the whole rollout batch, `mb_` a mini-batch, `micro_` a micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swallowctl import __version__
+from swallowctl.core.config import BatchSizes, SwallowConfig, dump_config, render_yaml
+from swallowctl.core.errors import RuntimeFailure, SwallowError, UsageError
+from swallowctl.core.models import ResolvedModel, resolve
+from swallowctl.ppo import algo, checkpoint
+from swallowctl.ppo.runlog import RunLog
+
+log = logging.getLogger(__name__)
+
+FINAL = "final"
+MANIFEST = "manifest.json"
+
+
+class Interrupted(SwallowError):
+    """Ctrl-C / SIGTERM: the update finished, a checkpoint was written; exit 130."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The batch arithmetic of a run, stated before it starts."""
+
+    sizes: BatchSizes
+    num_processes: int
+    rollout_chunk: int  # sequences per generate / scoring forward
+    reward_calls: int  # one per sample per reward component, for the whole run
+
+    def lines(self) -> list[str]:
+        s = self.sizes
+        return [
+            f"updates: {s.total_updates}, samples per update: {s.samples_per_update} "
+            f"({self.num_processes} process(es)), total samples: {s.total_samples}",
+            f"per update: {s.optimizer_steps_per_update} optimizer steps "
+            f"(mini-batches of {s.mini_batch} x PPO epochs), micro-batch {s.micro_batch}, "
+            f"rollout chunk {self.rollout_chunk}",
+            f"reward calls: {self.reward_calls}",
+        ]
+
+
+def make_plan(cfg: SwallowConfig, num_processes: int = 1) -> Plan:
+    from swallowctl.ppo.rewards import default_reward_specs
+
+    sizes = cfg.sizes(num_processes)
+    components = len(cfg.rewards or default_reward_specs(cfg.mode()))
+    return Plan(
+        sizes=sizes,
+        num_processes=num_processes,
+        rollout_chunk=cfg.ppo.local_rollout_forward_batch_size or sizes.micro_batch,
+        reward_calls=sizes.total_samples * components,
+    )
+
+
+def check_inputs(cfg: SwallowConfig) -> int:
+    """Validate data and reward functions before any model loads; return the prompt count."""
+    from swallowctl.ppo.data import load_prompts
+    from swallowctl.ppo.rewards import check_reward_specs
+
+    rows = load_prompts(cfg.data.prompts, cfg.mode(), mode_name=cfg.data.mode)
+    check_reward_specs(cfg.rewards)
+    return len(rows)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    updates_done: int
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: str | None = None
+
+
+class _Signals:
+    """First Ctrl-C/SIGTERM: finish the update, checkpoint, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning(
+            "%s: finishing this update, then saving a checkpoint (Ctrl-C again to stop now)",
+            self.requested,
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class PPOTrainer:
+    """Builds everything from the config once; `run()` trains. Library code: it never prints."""
+
+    def __init__(
+        self,
+        cfg: SwallowConfig,
+        *,
+        resume: bool = False,
+        on_update: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> None:
+        import torch
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.on_update = on_update or (lambda _u, _m: None)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = str(self.accelerator.device)
+        self.plan = make_plan(cfg, self.accelerator.num_processes)
+        self.run_dir = Path(cfg.output.dir)
+        self.start_update = 0
+        resume_path = self._check_run_dir(resume)
+        self._seed(cfg.ppo.seed + self.accelerator.process_index)
+        self.resolved = resolve(cfg.model.name_or_path, cfg.model.revision)
+        self._build_model()
+        self._build_data_and_rewards()
+        self._build_optimizer()
+        self._build_controllers()
+        if resume_path is not None:
+            self._load(resume_path)
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.runlog = (
+            RunLog(
+                self.run_dir,
+                list(cfg.logging.report_to),
+                resume_from=self.start_update if resume_path else None,
+            )
+            if self.accelerator.is_main_process
+            else None
+        )
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def _check_run_dir(self, resume: bool) -> Path | None:
+        """Refuse to mix two runs in one directory; find where to resume."""
+        found = checkpoint.latest(self.run_dir) if self.run_dir.exists() else None
+        if resume:
+            if found is None:
+                log.warning(
+                    "--resume: no complete checkpoint in %s; starting from the start", self.run_dir
+                )
+            return found
+        if found is not None or (self.run_dir / FINAL).exists():
+            raise UsageError(
+                f"{self.run_dir} already holds a run",
+                hint="pass --resume to continue it, or set output.dir to a new directory",
+            )
+        return None
+
+    def _seed(self, seed: int) -> None:
+        import numpy as np
+        import torch
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _build_model(self) -> None:
+        from swallowctl.ppo import policy
+
+        cfg = self.cfg
+        self.precision = policy.decide_precision(cfg, self.device)
+        self.tokenizer = policy.load_tokenizer(self.resolved, cfg)
+        base = policy.load_base(self.resolved, cfg, self.precision)
+        self.peft = policy.attach_adapters(base, cfg, self.precision)
+        module = policy.build_policy_value(self.peft, self.resolved.architecture.hidden_size)
+        module.value_head.to(self.device)
+        self.model = module
+        self.stop_ids = self.resolved.stop_token_ids
+        self.pad_id = int(self.tokenizer.pad_token_id)
+
+    def _build_data_and_rewards(self) -> None:
+        from swallowctl.ppo.data import PromptStream, load_prompts
+        from swallowctl.ppo.rewards import RewardSet
+
+        cfg = self.cfg
+        self.mode = cfg.mode()
+        rows = load_prompts(cfg.data.prompts, self.mode, mode_name=cfg.data.mode)
+        self.stream = PromptStream(
+            rows,
+            seed=cfg.ppo.seed,
+            shuffle=cfg.data.shuffle,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+        )
+        self.rewards = RewardSet.from_config(
+            cfg.rewards,
+            device=self.device,
+            load_in_4bit=self.precision.load_in_4bit,
+            stop_token_ids=self.stop_ids,
+            modes=cfg.modes,
+            mode=cfg.data.mode,
+        )
+
+    def _build_optimizer(self) -> None:
+        import torch
+
+        cfg, sizes = self.cfg, self.plan.sizes
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.ppo.lr, weight_decay=cfg.ppo.weight_decay, eps=1e-5
+        )
+        # The schedule is computed from the real number of optimizer steps of this run.
+        total_steps = sizes.total_updates * sizes.optimizer_steps_per_update
+        warmup = int(cfg.ppo.warmup_ratio * total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: algo.lr_factor(
+                step, total_steps, warmup, cfg.ppo.lr_scheduler_type, cfg.ppo.min_lr_ratio
+            ),
+        )
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def _build_controllers(self) -> None:
+        p = self.cfg.ppo
+        self.kl_ctl = (
+            algo.AdaptiveKL(
+                p.kl_coef,
+                p.target_kl,
+                p.kl_adjust_up,
+                p.kl_adjust_down,
+                p.min_kl_coef,
+                p.max_kl_coef,
+            )
+            if p.target_kl is not None
+            else None
+        )
+        self.kl_coef = p.kl_coef
+        initial = p.entropy_coef_initial if p.entropy_coef_initial is not None else p.entropy_coef
+        self.ent_ctl = (
+            algo.EntropyCoef(
+                initial,
+                p.entropy_target or 0.0,
+                p.entropy_adjust_beta,
+                p.entropy_coef_min,
+                p.entropy_coef_max,
+            )
+            if p.entropy_auto_adjust
+            else None
+        )
+        self.entropy_coef = initial
+        self.monitor = (
+            algo.EntropyMonitor(p.entropy_floor, p.entropy_patience, p.entropy_monitor_warmup)
+            if p.entropy_floor is not None
+            else None
+        )
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train until `total_updates`, a signal, NaN, or an entropy collapse."""
+        sizes = self.plan.sizes
+        self._write_config()
+        last: dict[str, float] = {}
+        stopped: str | None = None
+        update = self.start_update
+        try:
+            with _Signals() as signals:
+                for update in range(self.start_update + 1, sizes.total_updates + 1):
+                    last = self._one_update(update)
+                    self.on_update(update, last)
+                    if self._should_save(update):
+                        self._save(update)
+                    if signals.requested:
+                        self._save(update)
+                        raise Interrupted(
+                            f"stopped by {signals.requested} after update {update}",
+                            hint=f"continue with: swallowctl train --config ... --resume "
+                            f"(output.dir {self.run_dir})",
+                        )
+                    if self.monitor is not None and self.monitor.update(last["policy/entropy_avg"]):
+                        stopped = f"entropy stayed below {self.cfg.ppo.entropy_floor}"
+                        log.warning("stopping early at update %d: %s", update, stopped)
+                        break
+            final = self._save_final(update, last)
+        finally:
+            if self.runlog is not None:
+                self.runlog.close()
+        return TrainResult(self.run_dir, final, update, last, stopped)
+
+    def _one_update(self, update: int) -> dict[str, float]:
+        import torch
+
+        t0 = time.perf_counter()
+        rows = self.stream.next_batch(
+            self.plan.sizes.samples_per_update // self.accelerator.num_processes
+        )
+        b = self._rollout(rows)
+        t1 = time.perf_counter()
+        stats = self._optimize(b)
+        t2 = time.perf_counter()
+        stats["time/rollout_s"] = t1 - t0
+        stats["time/update_s"] = t2 - t1
+        n = b["batch"].response.shape[0] * self.accelerator.num_processes
+        stats["throughput/episodes_per_s"] = n / (t2 - t0)
+        tokens = float(b["batch"].response_mask.sum()) * self.accelerator.num_processes
+        stats["throughput/tokens_per_s"] = tokens / (t2 - t0)
+        stats["episode"] = float(update * self.plan.sizes.samples_per_update)
+        stats["lr"] = float(self.scheduler.get_last_lr()[0])
+        if torch.cuda.is_available():
+            stats["memory/peak_bytes"] = float(torch.cuda.max_memory_allocated())
+        self._update_controllers(stats)
+        if self.runlog is not None:
+            self.runlog.metrics(update, stats)
+            if update % self.cfg.logging.steps == 0:
+                self.runlog.samples(update, b["samples"][: self.cfg.logging.num_samples])
+        return stats
+
+    # --- rollout and scoring ----------------------------------------------------------------
+
+    def _rollout(self, rows: list[Any]) -> dict[str, Any]:
+        """Sample responses, score them once, compute old log-probs, values and reference."""
+
+        from swallowctl.ppo import rollout
+
+        chunk = self.plan.rollout_chunk
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.eval()
+        prompts = rollout.encode_prompts(
+            self.tokenizer, [r.messages for r in rows], self.cfg.data.max_prompt_tokens
+        )
+        pieces = []
+        for i in range(0, len(prompts), chunk):
+            q, qm = rollout.left_pad(prompts[i : i + chunk], self.pad_id)
+            pieces.append(
+                rollout.generate(
+                    unwrapped.peft,
+                    q.to(self.device),
+                    qm.to(self.device),
+                    self.cfg.generation,
+                    self.stop_ids,
+                    self.pad_id,
+                )
+            )
+        batch = rollout.concat(pieces, self.pad_id)
+        logprobs, values, ref_logprobs = self._score_forward(unwrapped, batch)
+        texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
+        scores, components = self._rewards(rows, batch, texts)
+        return {
+            "batch": batch,
+            "logprobs": logprobs,
+            "values": values,
+            "ref_logprobs": ref_logprobs,
+            "scores": scores,
+            "components": components,
+            "samples": [
+                {
+                    "prompt": _prompt_text(r),
+                    "completion": t,
+                    "score": float(s),
+                    **{k: _float(v[i]) for k, v in components.items()},
+                }
+                for i, (r, t, s) in enumerate(zip(rows, texts, scores.tolist(), strict=True))
+            ],
+        }
+
+    def _score_forward(self, unwrapped: Any, batch: Any) -> tuple[Any, Any, Any]:
+        import torch
+
+        from swallowctl.ppo.policy import reference_mode
+
+        g = self.cfg.generation
+        chunk = self.plan.rollout_chunk
+        lps, vals, refs = [], [], []
+        with torch.no_grad():
+            for i in range(0, batch.response.shape[0], chunk):
+                part = batch.rows(slice(i, i + chunk))
+                args = (
+                    part.input_ids,
+                    part.attention_mask,
+                    part.context_length,
+                    g.temperature,
+                    g.top_p,
+                    self.cfg.ppo.logits_chunk_size,
+                )
+                lp, v, _ = unwrapped(*args, with_values=True)
+                with reference_mode(unwrapped.peft):
+                    ref, _, _ = unwrapped(*args, with_values=False)
+                lps.append(lp)
+                vals.append(v)
+                refs.append(ref)
+        return torch.cat(lps), torch.cat(vals), torch.cat(refs)
+
+    def _rewards(self, rows: list[Any], batch: Any, texts: list[str]) -> tuple[Any, dict]:
+        import torch
+
+        from swallowctl.ppo.data import reward_columns
+
+        ids = [
+            r[m].tolist()
+            for r, m in zip(batch.response.cpu(), batch.response_mask.cpu(), strict=True)
+        ]
+        result = self.rewards(
+            prompts=[_prompt_text(r) for r in rows],
+            completions=texts,
+            completion_ids=ids,
+            finished=batch.finished.tolist(),
+            columns=reward_columns(rows),
+            mode=self.cfg.data.mode,
+        )
+        scores = torch.tensor(result.total, dtype=torch.float32, device=self.device)
+        if self.cfg.ppo.missing_eos_penalty is not None:
+            scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
+        return scores, result.components
+
+    # --- advantages and the PPO update -------------------------------------------------------
+
+    def _optimize(self, b: dict[str, Any]) -> dict[str, float]:
+
+        p = self.cfg.ppo
+        batch = b["batch"]
+        mask = batch.response_mask
+        rewards, non_score, kl = algo.shape_rewards(
+            b["scores"], b["logprobs"], b["ref_logprobs"], mask, self.kl_coef, p.kl_estimator
+        )
+        if p.whiten_rewards:
+            rewards = algo.whiten_rewards(rewards, mask)
+        advantages, returns = algo.gae(rewards, b["values"], mask, p.gamma, p.lam)
+        advantages = algo.whiten_advantages(advantages, mask)
+
+        stats = self._epochs(batch, b, advantages, returns)
+        objective = algo.rollout_metrics(b["scores"], b["logprobs"], kl, non_score, mask)
+        stats.update({k: float(v) for k, v in objective.items()})
+        stats["val/num_eos_tokens"] = float(batch.finished.sum())
+        stats["objective/kl_coef"] = self.kl_coef
+        stats["objective/entropy_coef"] = self.entropy_coef
+        for label, values in b["components"].items():
+            finite = [v for v in values if v is not None and math.isfinite(v)]
+            stats[f"reward/{label}"] = sum(finite) / len(finite) if finite else float("nan")
+        return self._reduce(stats)
+
+    def _epochs(
+        self, batch: Any, b: dict[str, Any], advantages: Any, returns: Any
+    ) -> dict[str, float]:
+        """`ppo_epochs` x shuffled mini-batches x micro-batches with gradient accumulation."""
+        import torch
+
+        p, g = self.cfg.ppo, self.cfg.generation
+        n = batch.response.shape[0]
+        micro = self.plan.sizes.micro_batch
+        mini = n // p.num_mini_batches
+        self.model.train()
+        acc: dict[str, list[float]] = {}
+        for _epoch in range(p.ppo_epochs):
+            perm = torch.randperm(n, device=self.device)
+            for mb_start in range(0, n, mini):
+                mb_idx = perm[mb_start : mb_start + mini]
+                for micro_start in range(0, len(mb_idx), micro):
+                    idx = mb_idx[micro_start : micro_start + micro]
+                    part = batch.rows(idx)
+                    new_lp, new_v, ent = self.model(
+                        part.input_ids,
+                        part.attention_mask,
+                        part.context_length,
+                        g.temperature,
+                        g.top_p,
+                        p.logits_chunk_size,
+                        with_values=True,
+                    )
+                    m = part.response_mask
+                    pg = algo.policy_loss(
+                        new_lp, b["logprobs"][idx], advantages[idx], m, p.cliprange
+                    )
+                    vf = algo.value_loss(
+                        new_v, b["values"][idx], returns[idx], m, p.cliprange_value
+                    )
+                    bonus = algo.entropy_bonus(ent, m, self.entropy_coef, p.max_entropy_bonus)
+                    loss = pg.loss + p.vf_coef * vf.loss - bonus
+                    if not torch.isfinite(loss):
+                        self._abort_nan(float(loss.detach()))
+                    self.accelerator.backward(loss * len(idx) / len(mb_idx))
+                    for k, v in (
+                        ("policy/approxkl_avg", pg.approxkl),
+                        ("policy/clipfrac_avg", pg.clipfrac),
+                        ("loss/policy_avg", pg.loss),
+                        ("loss/value_avg", vf.loss),
+                        ("val/clipfrac_avg", vf.clipfrac),
+                        ("val/ratio", pg.ratio_mean),
+                        ("policy/entropy_avg", algo.masked_mean(ent, m)),
+                    ):
+                        acc.setdefault(k, []).append(float(v.detach()))
+                self.accelerator.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        out = {k: sum(v) / len(v) for k, v in acc.items()}
+        ratios = acc["val/ratio"]
+        out["val/ratio_var"] = float(torch.tensor(ratios).var()) if len(ratios) > 1 else 0.0
+        return out
+
+    def _abort_nan(self, value: float) -> None:
+        last = checkpoint.latest(self.run_dir)
+        raise RuntimeFailure(
+            f"the loss became {value} (not a number); training stopped before applying it",
+            hint=(f"the last good checkpoint is {last}; " if last else "")
+            + "lower ppo.lr or ppo.cliprange, check the rewards for inf/NaN, then --resume",
+        )
+
+    def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
+        """Average metrics over processes (a sync point; one small all-reduce per update)."""
+        if self.accelerator.num_processes == 1:
+            return stats
+        import torch
+
+        keys = sorted(stats)
+        t = torch.tensor([stats[k] for k in keys], device=self.device, dtype=torch.float64)
+        t = self.accelerator.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    def _update_controllers(self, stats: dict[str, float]) -> None:
+        p = self.cfg.ppo
+        if self.kl_ctl is not None:
+            self.kl_coef = self.kl_ctl.update(stats["objective/kl"])
+        if self.ent_ctl is not None:
+            self.entropy_coef = self.ent_ctl.update(stats["policy/entropy_avg"])
+        elif p.entropy_coef_phase1 is not None and p.entropy_transition_updates:
+            phases = [
+                c
+                for c in (p.entropy_coef_phase1, p.entropy_coef_phase2, p.entropy_coef_phase3)
+                if c is not None
+            ]
+            progress = stats["episode"] / self.plan.sizes.total_samples
+            self.entropy_coef = algo.phase_coef(phases, p.entropy_transition_updates, progress)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def _should_save(self, update: int) -> bool:
+        return update % self.cfg.output.save_steps == 0 and update < self.plan.sizes.total_updates
+
+    def _write_model(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from swallowctl.ppo.policy import save_adapter
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        save_adapter(unwrapped.peft, directory)
+        head = {
+            k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()
+        }
+        save_file(head, directory / checkpoint.VALUE_HEAD, metadata={"format": "pt"})
+
+    def _save(self, update: int) -> None:
+        import torch
+
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "update": update,
+            "num_processes": self.accelerator.num_processes,
+            "kl_coef": self.kl_coef,
+            "entropy_coef": self.entropy_coef,
+            "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
+            "ent_ctl": self.ent_ctl.state_dict() if self.ent_ctl else None,
+            "monitor": self.monitor.state_dict() if self.monitor else None,
+            "data": self.stream.state_dict(),
+            "python_random": _jsonable_random_state(),
+        }
+        # Sampling and mini-batch shuffles draw from torch's RNG: restoring it makes a resumed
+        # run continue exactly as an uninterrupted one.
+        tensors = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            tensors["cuda_rng"] = torch.cuda.get_rng_state()
+        checkpoint.save(
+            self.run_dir,
+            f"checkpoint-{update}",
+            write_model=self._write_model,
+            state=state,
+            tensors=tensors,
+        )
+        checkpoint.prune(self.run_dir, self.cfg.output.save_total_limit)
+
+    def _load(self, path: Path) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        state, tensors = checkpoint.load(path)
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise UsageError(
+                f"{path} was written by {state['num_processes']} process(es); this run has "
+                f"{self.accelerator.num_processes}",
+                hint=f"resume with --num-processes {state['num_processes']}",
+            )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        from peft import set_peft_model_state_dict
+
+        from swallowctl.ppo.policy import ADAPTER_WEIGHTS, POLICY
+
+        adapter = load_file(path / ADAPTER_WEIGHTS, device=self.device)
+        set_peft_model_state_dict(unwrapped.peft, adapter, adapter_name=POLICY)
+        unwrapped.value_head.load_state_dict(
+            load_file(path / checkpoint.VALUE_HEAD, device=self.device)
+        )
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        self.kl_coef, self.entropy_coef = state["kl_coef"], state["entropy_coef"]
+        for ctl, key in (
+            (self.kl_ctl, "kl_ctl"),
+            (self.ent_ctl, "ent_ctl"),
+            (self.monitor, "monitor"),
+        ):
+            if ctl is not None and state[key] is not None:
+                ctl.load_state_dict(state[key])
+        self.stream.load_state_dict(state["data"])
+        torch.set_rng_state(tensors["torch_rng"])
+        if torch.cuda.is_available() and "cuda_rng" in tensors:
+            torch.cuda.set_rng_state(tensors["cuda_rng"])
+        _restore_random_state(state["python_random"])
+        self.start_update = int(state["update"])
+        log.info("resumed from %s (update %d)", path, self.start_update)
+
+    def _write_config(self) -> None:
+        if self.accelerator.is_main_process:
+            (self.run_dir / "config.yaml").write_text(
+                render_yaml(self.cfg, self.plan.sizes), encoding="utf-8"
+            )
+
+    def _save_final(self, update: int, last: dict[str, float]) -> Path | None:
+        """`final/`: adapter, value head, tokenizer and a manifest naming the exact base."""
+        import json
+
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+
+        def write(directory: Path) -> None:
+            self._write_model(directory)
+            self.tokenizer.save_pretrained(directory)
+            manifest = final_manifest(self.cfg, self.resolved, update, last)
+            (directory / MANIFEST).write_text(
+                json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8"
+            )
+
+        return checkpoint.save(
+            self.run_dir, FINAL, write_model=write, state={"update": update}, tensors={}
+        )
+
+
+def final_manifest(
+    cfg: SwallowConfig, resolved: ResolvedModel, updates: int, metrics: dict[str, float]
+) -> dict[str, Any]:
+    """Provenance of a trained adapter: which base (id and commit), which run, which config."""
+    return {
+        "swallowctl": __version__,
+        "algorithm": "ppo",
+        "base_model": {
+            "name": cfg.model.name_or_path,
+            "model_id": resolved.model_id,
+            "revision": cfg.model.revision,
+            "commit": resolved.commit,
+        },
+        "updates": updates,
+        "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
+        "config": dump_config(cfg),
+    }
+
+
+def _prompt_text(row: Any) -> str:
+    if "prompt" in row.columns and isinstance(row.columns["prompt"], str):
+        return str(row.columns["prompt"])
+    users = [m["content"] for m in row.messages if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _float(v: Any) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _jsonable_random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore_random_state(state: list[Any]) -> None:
+    random.setstate((state[0], tuple(state[1]), state[2]))
