@@ -46,8 +46,9 @@ def test_first_ratio_is_exactly_one(tmp_path: Path) -> None:
     model = trainer.model
     model.train()
     batch = b["batch"]
-    new_lp, new_v, _ = model(batch.input_ids, batch.attention_mask, batch.context_length,
-                             0.7, 0.9, 1024)
+    new_lp, new_v, _ = model(
+        batch.input_ids, batch.attention_mask, batch.context_length, 0.7, 0.9, 1024
+    )
     ratio = torch.exp(new_lp - b["logprobs"])[batch.response_mask]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     assert torch.allclose(new_v, b["values"], atol=1e-6)
@@ -57,8 +58,11 @@ def test_first_ratio_is_exactly_one(tmp_path: Path) -> None:
 
 def test_the_tiny_model_learns(tmp_path: Path) -> None:
     cfg = config(
-        tmp_path, "ppo.per_device_train_batch_size=16", "ppo.ppo_epochs=4",
-        "ppo.total_updates=20", "output.save_steps=100",
+        tmp_path,
+        "ppo.per_device_train_batch_size=16",
+        "ppo.ppo_epochs=4",
+        "ppo.total_updates=20",
+        "output.save_steps=100",
     )
     result = PPOTrainer(cfg).run()
     scores = [
@@ -74,7 +78,14 @@ def test_the_tiny_model_learns(tmp_path: Path) -> None:
 
 
 def test_run_layout_metrics_samples_manifest(tmp_path: Path) -> None:
-    result = PPOTrainer(config(tmp_path, "ppo.total_updates=3", "output.save_steps=2")).run()
+    cfg = config(
+        tmp_path,
+        "ppo.total_updates=3",
+        "output.save_steps=2",
+        "ppo.enable_deterministic_eval=true",
+        "ppo.deterministic_eval_frequency=1",
+    )
+    result = PPOTrainer(cfg).run()
     run = result.run_dir
     assert (run / "checkpoint-2" / "COMPLETE").is_file()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -83,6 +94,11 @@ def test_run_layout_metrics_samples_manifest(tmp_path: Path) -> None:
         if name != "memory/peak_bytes":  # CUDA only
             assert name in lines[0], name
     assert "reward/japanese_ratio" in lines[0]
+    # Greedy evaluation every update; best/ holds the adapter of the best eval/score.
+    evals = [x["eval/score"] for x in lines]
+    best = json.loads((run / "best" / "trainer_state.json").read_text())
+    assert best["eval/score"] == max(evals) and best["update"] == evals.index(max(evals)) + 1
+    assert (run / "best" / "adapter_model.safetensors").is_file()
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert {"update", "prompt", "completion", "score", "japanese_ratio"} <= set(samples[0])
     manifest = json.loads((run / "final" / "manifest.json").read_text())
@@ -157,14 +173,19 @@ def test_qlora_4bit_on_cpu_and_the_reference_is_the_base(tmp_path: Path) -> None
     base = AutoModelForCausalLM.from_pretrained(
         trainer.resolved.model_id,
         quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         ),
         device_map={"": "cpu"},
     )
     with torch.no_grad():
-        logits = base(batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits
+        logits = base(
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+        ).logits
     from swallowctl.ppo.policy import top_p_filter
 
     ctx = batch.context_length
@@ -176,8 +197,7 @@ def test_qlora_4bit_on_cpu_and_the_reference_is_the_base(tmp_path: Path) -> None
 
 
 def test_cli_dry_run_and_train(tmp_path: Path) -> None:
-    args = [f"--set={s}" for s in (*SMALL, f"output.dir={tmp_path / 'run'}",
-                                    "ppo.total_updates=2")]
+    args = [f"--set={s}" for s in (*SMALL, f"output.dir={tmp_path / 'run'}", "ppo.total_updates=2")]
     r = CliRunner().invoke(app, ["train", *args, "--dry-run"])
     assert r.exit_code == 0, r.stderr
     assert "updates: 2, samples per update: 4" in r.stderr

@@ -209,6 +209,9 @@ class OutputSection(_Section):
     dir: str = Field("runs/ppo", description="run directory (metrics, samples, checkpoints)")
     save_steps: int = Field(10, gt=0, description="updates between checkpoints")
     save_total_limit: int | None = Field(3, gt=0, description="checkpoints kept; null = all")
+    best_metric: str = Field(
+        "eval/score", description="best/ keeps the adapter where this metric was highest"
+    )
 
 
 Reporter = Literal["tensorboard", "wandb"]

@@ -64,7 +64,7 @@ def save(
     *,
     write_model: Any,
     state: dict[str, Any],
-    tensors: dict[str, Any],
+    tensors: dict[str, Any] | None = None,
 ) -> Path:
     """Write `run_dir/name` (e.g. `checkpoint-12`, `final`) atomically and return its path.
 
@@ -78,7 +78,8 @@ def save(
     try:
         tmp.mkdir(parents=True)
         write_model(tmp)
-        torch.save(tensors, tmp / TENSORS)
+        if tensors is not None:
+            torch.save(tensors, tmp / TENSORS)
         (tmp / STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text("", encoding="utf-8")

@@ -100,20 +100,29 @@ def generate(
     gen: GenerationSection,
     stop_ids: tuple[int, ...],
     pad_id: int,
+    *,
+    greedy: bool = False,
 ) -> Batch:
-    """Sample responses for one chunk of prompts with the current policy."""
+    """Sample (or, for evaluation, greedily decode) responses for one chunk of prompts."""
     import torch
 
+    sampling = (
+        {}
+        if greedy
+        else {
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "top_k": gen.top_k,
+            "typical_p": gen.typical_p,
+            "min_p": gen.min_p or None,
+        }
+    )
     with torch.no_grad():
         out = model.generate(
             input_ids=query,
             attention_mask=query_mask,
-            do_sample=True,
-            temperature=gen.temperature,
-            top_p=gen.top_p,
-            top_k=gen.top_k,
-            typical_p=gen.typical_p,
-            min_p=gen.min_p or None,
+            do_sample=not greedy,
+            **sampling,
             max_new_tokens=gen.max_new_tokens,
             eos_token_id=list(stop_ids),
             pad_token_id=pad_id,

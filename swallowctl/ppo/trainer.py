@@ -26,6 +26,7 @@ from swallowctl.ppo.runlog import RunLog
 log = logging.getLogger(__name__)
 
 FINAL = "final"
+BEST = "best"
 MANIFEST = "manifest.json"
 
 
@@ -188,6 +189,11 @@ class PPOTrainer:
         from swallowctl.ppo import policy
 
         cfg = self.cfg
+        if cfg.lora.critic != "shared":
+            raise UsageError(
+                "lora.critic: adapter (a separate critic adapter) is not built yet",
+                hint="use lora.critic: shared (the value head on the policy's backbone)",
+            )
         self.precision = policy.decide_precision(cfg, self.device)
         self.tokenizer = policy.load_tokenizer(self.resolved, cfg)
         base = policy.load_base(self.resolved, cfg, self.precision)
@@ -212,6 +218,13 @@ class PPOTrainer:
             rank=self.accelerator.process_index,
             world=self.accelerator.num_processes,
         )
+        eval_spec = cfg.data.eval_prompts
+        self.eval_rows = (
+            load_prompts(eval_spec, self.mode, mode_name=cfg.data.mode)
+            if eval_spec
+            else rows[: cfg.ppo.per_device_eval_batch_size]
+        )
+        self.best_value = -math.inf
         self.rewards = RewardSet.from_config(
             cfg.rewards,
             device=self.device,
@@ -288,14 +301,15 @@ class PPOTrainer:
                 for update in range(self.start_update + 1, sizes.total_updates + 1):
                     last = self._one_update(update)
                     self.on_update(update, last)
+                    self._keep_best(update, last)
                     if self._should_save(update):
                         self._save(update)
                     if signals.requested:
                         self._save(update)
                         raise Interrupted(
-                            f"stopped by {signals.requested} after update {update}",
-                            hint=f"continue with: swallowctl train --config ... --resume "
-                            f"(output.dir {self.run_dir})",
+                            f"stopped by {signals.requested} after update {update}; "
+                            f"checkpoint-{update} saved in {self.run_dir}",
+                            hint="run the same command again with --resume to continue",
                         )
                     if self.monitor is not None and self.monitor.update(last["policy/entropy_avg"]):
                         stopped = f"entropy stayed below {self.cfg.ppo.entropy_floor}"
@@ -329,6 +343,8 @@ class PPOTrainer:
         if torch.cuda.is_available():
             stats["memory/peak_bytes"] = float(torch.cuda.max_memory_allocated())
         self._update_controllers(stats)
+        if self._eval_due(update):
+            stats.update(self._evaluate())
         if self.runlog is not None:
             self.runlog.metrics(update, stats)
             if update % self.cfg.logging.steps == 0:
@@ -431,6 +447,61 @@ class PPOTrainer:
         if self.cfg.ppo.missing_eos_penalty is not None:
             scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
         return scores, result.components
+
+    # --- deterministic evaluation ------------------------------------------------------------
+
+    def _eval_due(self, update: int) -> bool:
+        p = self.cfg.ppo
+        return p.enable_deterministic_eval and update % p.deterministic_eval_frequency == 0
+
+    def _evaluate(self) -> dict[str, float]:
+        """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
+        from swallowctl.ppo import rollout
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.eval()
+        rows = self.eval_rows
+        prompts = rollout.encode_prompts(
+            self.tokenizer, [r.messages for r in rows], self.cfg.data.max_prompt_tokens
+        )
+        size = self.cfg.ppo.per_device_eval_batch_size
+        pieces = []
+        for i in range(0, len(prompts), size):
+            q, qm = rollout.left_pad(prompts[i : i + size], self.pad_id)
+            pieces.append(
+                rollout.generate(
+                    unwrapped.peft,
+                    q.to(self.device),
+                    qm.to(self.device),
+                    self.cfg.generation,
+                    self.stop_ids,
+                    self.pad_id,
+                    greedy=True,
+                )
+            )
+        batch = rollout.concat(pieces, self.pad_id)
+        texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
+        scores, components = self._rewards(rows, batch, texts)
+        out = {"eval/score": float(scores.mean())}
+        for label, values in components.items():
+            finite = [v for v in values if v is not None and math.isfinite(v)]
+            out[f"eval/{label}"] = sum(finite) / len(finite) if finite else float("nan")
+        return out
+
+    def _keep_best(self, update: int, metrics: dict[str, float]) -> None:
+        """`best/`: the adapter with the highest `output.best_metric` seen so far."""
+        name = self.cfg.output.best_metric
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value) or value <= self.best_value:
+            return
+        self.best_value = value
+        if self.accelerator.is_main_process:
+            checkpoint.save(
+                self.run_dir,
+                BEST,
+                write_model=self._write_model,
+                state={"update": update, name: value},
+            )
 
     # --- advantages and the PPO update -------------------------------------------------------
 
@@ -582,6 +653,7 @@ class PPOTrainer:
             "kl_ctl": self.kl_ctl.state_dict() if self.kl_ctl else None,
             "ent_ctl": self.ent_ctl.state_dict() if self.ent_ctl else None,
             "monitor": self.monitor.state_dict() if self.monitor else None,
+            "best_value": self.best_value if math.isfinite(self.best_value) else None,
             "data": self.stream.state_dict(),
             "python_random": _jsonable_random_state(),
         }
@@ -635,6 +707,8 @@ class PPOTrainer:
             if ctl is not None and state[key] is not None:
                 ctl.load_state_dict(state[key])
         self.stream.load_state_dict(state["data"])
+        best = state.get("best_value")
+        self.best_value = -math.inf if best is None else float(best)
         torch.set_rng_state(tensors["torch_rng"])
         if torch.cuda.is_available() and "cuda_rng" in tensors:
             torch.cuda.set_rng_state(tensors["cuda_rng"])
@@ -664,9 +738,7 @@ class PPOTrainer:
                 json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8"
             )
 
-        return checkpoint.save(
-            self.run_dir, FINAL, write_model=write, state={"update": update}, tensors={}
-        )
+        return checkpoint.save(self.run_dir, FINAL, write_model=write, state={"update": update})
 
 
 def final_manifest(
