@@ -202,6 +202,12 @@ def tune_memory(
     write: Annotated[
         bool, typer.Option("--write", help="Write the suggestion into the --config file.")
     ] = False,
+    probe: Annotated[
+        bool,
+        typer.Option(
+            "--probe", help="CUDA: run one real rollout + update and compare with the estimate."
+        ),
+    ] = False,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
@@ -220,13 +226,27 @@ def tune_memory(
     loaded = _load(config, set_)
     result = tune_config(loaded.config, model=model, vram_gib=vram)
     written = write_changes(config, result.changes) if write and config and result.changes else []
+    runs = _probe(loaded.config, result, model) if probe else None
     if json_:
-        console.print_json(to_json(result, written))
+        doc = to_json(result, written)
+        if runs is not None:
+            doc["probe"] = [dataclasses.asdict(r) for r in runs]
+        console.print_json(doc)
     else:
         for item in renderables(result, written):
             console.out.print(item)
-    if not result.fits:
+        if runs is not None:
+            from swallowctl.memory.render import probe_table
+
+            console.out.print(probe_table(runs))
+    if not result.fits or (runs is not None and all(r.oom for r in runs)):
         raise typer.Exit(1)
+
+
+def _probe(cfg: Any, result: Any, model: str | None) -> Any:
+    from swallowctl.memory.probe import apply_changes, probe
+
+    return probe(apply_changes(cfg, {"model.name_or_path": model}) if model else cfg, result)
 
 
 @app.command()

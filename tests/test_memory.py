@@ -629,3 +629,47 @@ def test_benchmark_cpu_smoke_runs_every_phase() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     assert "every phase ran" in r.stdout
     assert r.stdout.count(" update ") == 2
+
+
+# ---- --probe ---------------------------------------------------------------------------------
+
+
+def test_probe_without_cuda_says_so_and_exits_1() -> None:
+    from typer.testing import CliRunner
+
+    from swallowctl.cli import app
+
+    r = CliRunner().invoke(app, ["tune-memory", "--model", "swallow-8b", "--vram", "24", "--probe"])
+    assert r.exit_code == 1
+    assert "--probe measures a real rollout and update on a CUDA GPU" in r.stderr
+
+
+def test_probe_steps_keep_the_effective_batch() -> None:
+    from swallowctl.core.config import load_config
+    from swallowctl.memory.probe import apply_changes, one_step_larger
+
+    cfg = load_config(None, ("ppo.per_device_train_batch_size=2", "ppo.grad_accum_steps=4")).config
+    larger = one_step_larger(cfg)
+    assert larger == {"ppo.per_device_train_batch_size": 4, "ppo.grad_accum_steps": 2}
+    bigger = apply_changes(cfg, larger)
+    assert bigger.sizes().mini_batch == cfg.sizes().mini_batch == 8
+    assert cfg.ppo.per_device_train_batch_size == 2  # the original is untouched
+
+
+@pytest.mark.gpu
+def test_probe_measures_the_tiny_model_on_cuda(tmp_path: Path) -> None:
+    from swallowctl.core.config import load_config
+    from swallowctl.memory import tune_config
+    from swallowctl.memory.probe import probe
+
+    cfg = load_config(
+        None,
+        (
+            "model.name_or_path=builtin:tiny-ja",
+            "generation.max_new_tokens=16",
+            f"output.dir={tmp_path}",
+        ),
+    ).config
+    runs = probe(cfg, tune_config(cfg, vram_gib=8))
+    assert runs[0].label == "suggested" and not runs[0].oom
+    assert runs[0].allocated_gib is not None and runs[0].allocated_gib > 0

@@ -161,3 +161,21 @@ def _estimate_json(est: Estimate) -> dict[str, Any]:
             for p in est.phases
         ],
     }
+
+
+def probe_table(runs: list[Any]) -> Table:
+    """`--probe`: estimate vs measured peak for each setting run on the GPU."""
+    t = Table(title="measured on this GPU (one rollout + one update)", header_style="bold")
+    for c in ("run", "settings", "estimate GiB", "allocated GiB", "reserved GiB", ""):
+        t.add_column(c)
+    for r in runs:
+        settings = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r.changes.items()) or "as is"
+        t.add_row(
+            r.label,
+            settings,
+            f"{r.estimate_gib:.2f}" if r.estimate_gib is not None else "-",
+            f"{r.allocated_gib:.2f}" if r.allocated_gib is not None else "-",
+            f"{r.reserved_gib:.2f}" if r.reserved_gib is not None else "-",
+            "OOM" if r.oom else "",
+        )
+    return t
