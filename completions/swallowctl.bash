@@ -65,15 +65,36 @@ _swallowctl() {
             COMPREPLY=($(compgen -W "--config -c --set --resume --dry-run --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "infer")
             case "$prev" in
+                --prompt|-p) COMPREPLY=(); return ;;
+                --input|-i) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --output|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --backend) COMPREPLY=($(compgen -W "torch mlx" -- "$cur")); return ;;
+                --model) COMPREPLY=(); return ;;
+                --adapter) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --mode) COMPREPLY=(); return ;;
+                --system) COMPREPLY=(); return ;;
+                --temperature) COMPREPLY=(); return ;;
+                --top-p) COMPREPLY=(); return ;;
+                --max-new-tokens) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+                --batch-size) COMPREPLY=(); return ;;
+                --limit) COMPREPLY=(); return ;;
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
             esac
-            COMPREPLY=($(compgen -W "--config -c --set --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--prompt -p --input -i --output -o --backend --model --adapter --mode --system --temperature --top-p --max-new-tokens --greedy --seed --batch-size --limit --config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "export")
             case "$prev" in
-
+                --format) COMPREPLY=($(compgen -W "merged mlx mlx-adapter" -- "$cur")); return ;;
+                --output) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --model) COMPREPLY=(); return ;;
+                --dtype) COMPREPLY=($(compgen -W "bfloat16 float16 float32" -- "$cur")); return ;;
+                --q-bits) COMPREPLY=(); return ;;
+                --q-group-size) COMPREPLY=(); return ;;
+                --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
             esac
-            COMPREPLY=($(compgen -W "--verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--format --output --model --dtype --quantize/--no-quantize --q-bits --q-group-size --force --config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "version")
             case "$prev" in
 

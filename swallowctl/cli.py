@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 from swallowctl import __version__
 from swallowctl.core import console
-from swallowctl.core.errors import NotBuiltYetError, UsageError
+from swallowctl.core.errors import UsageError
 
 
 class _Group(TyperGroup):
@@ -282,27 +282,238 @@ def train(
         console.warn(f"stopped early: {result.stopped_early}")
 
 
-@app.command()
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Alias, Hub id, local folder or builtin:tiny-ja (default: the adapter's base, else "
+        "the config's; on MLX a known model's MLX twin).",
+    ),
+]
+AdapterOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapter",
+        help="A trained adapter: RUN_DIR/final or RUN_DIR/checkpoint-N.",
+        file_okay=False,
+    ),
+]
+
+INFER_EXAMPLES = """Examples:
+
+  swallowctl infer --adapter runs/ppo/final                    (chat; /reset /system /exit)
+
+  swallowctl infer --backend mlx --prompt 'こんにちは'
+
+  swallowctl infer --mode intervention --input obs.jsonl --output answers.jsonl
+"""
+
+
+@app.command(epilog=INFER_EXAMPLES)
 def infer(
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Answer one prompt, streamed to stdout.")
+    ] = None,
+    input_: Annotated[
+        Path | None,
+        typer.Option(
+            "--input", "-i", help="JSONL rows (prompt or messages) to answer.", dir_okay=False
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="JSONL answers for --input; a rerun resumes.", dir_okay=False
+        ),
+    ] = None,
+    backend: BackendOpt = Backend.torch,
+    model: ModelOpt = None,
+    adapter: AdapterOpt = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="chat, intervention or a mode of the config (default: data.mode)."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="Replace the mode's system prompt.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature (default 0.7; 0 = greedy).")
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Nucleus sampling mass (default 0.9).")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Length limit (default 512).")
+    ] = None,
+    greedy: Annotated[
+        bool,
+        typer.Option(
+            "--greedy", help="Always the likeliest token (default for modes with choices)."
+        ),
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same answer.")] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="--input rows per generate call (torch).")
+    ] = 8,
+    limit: Annotated[
+        int | None, typer.Option(help="Answer at most N new --input rows, then stop.")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Chat, answer one prompt, or run a JSONL batch (--backend torch|mlx)."""
+    """Chat, answer one prompt, or run a JSONL batch (--backend torch|mlx).
+
+    MLX is inference only (Apple Silicon; Linux runs it on the CPU). Modes with choices, such as
+    intervention, answer greedily and print the chosen label (exit 1 when none parses).
+    """
+    from swallowctl.infer import batch, choose_model, open_backend, read_adapter, session
+
     _start(verbose, quiet)
-    raise NotBuiltYetError("infer")
+    session.check_flags(
+        prompt=prompt,
+        input_path=input_,
+        output=output,
+        json_=json_,
+        batch_size=batch_size,
+        limit=limit,
+    )
+    cfg = _load(config, set_).config
+    spec = session.resolve_mode(cfg, mode, system)
+    settings = session.resolve_settings(
+        cfg,
+        spec,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        seed=seed,
+    )
+    # Everything that can be wrong with the input is found before a model loads.
+    plan = batch.plan_batch(input_, output, spec) if input_ and output else None
+    messages = session.messages_for(prompt, spec) if prompt is not None else None
+    info = read_adapter(adapter) if adapter else None
+    resolved, load_id = choose_model(model, info, cfg, backend=backend.value)
+    done = plan is not None and not plan.todo  # a finished batch: no model to load
+    engine = None if done else open_backend(backend.value, resolved, load_id, cfg, info)
+    if plan is not None:
+        todo = len(plan.todo[:limit] if limit else plan.todo)
+        try:
+            with batch.batch_progress(todo) as on_rows:
+                result = batch.run_batch(
+                    engine,
+                    plan,
+                    spec,
+                    settings,
+                    batch_size=batch_size,
+                    limit=limit,
+                    on_rows=on_rows,
+                )
+        except KeyboardInterrupt:
+            console.warn("interrupted: the rows written are kept; rerun to continue")
+            raise typer.Exit(130) from None
+        if json_:
+            console.print_json(result.to_json())
+        else:
+            invalid = f"; {result.no_choice} without a valid choice" if spec.choices else ""
+            console.print_text(
+                f"{result.written} rows written to {result.output} ({result.skipped} done "
+                f"before, {result.remaining} left{invalid})"
+            )
+    elif messages is not None and engine is not None:
+        stream = None if json_ or spec.choices else session.write_text
+        ans = session.answer(engine, messages, settings, spec, on_text=stream)
+        if json_:
+            console.print_json(ans.to_json())
+        else:
+            console.print_text(session.choice_line(ans.text, spec) if spec.choices else "")
+        if spec.choices and ans.choice is None:
+            raise typer.Exit(1)
+    elif engine is not None:
+        session.ChatRepl(engine, spec, settings).run()
 
 
-@app.command()
+class ExportFormat(StrEnum):
+    merged = "merged"
+    mlx = "mlx"
+    mlx_adapter = "mlx-adapter"
+
+
+class ExportDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+EXPORT_EXAMPLES = """Examples:
+
+  swallowctl export runs/ppo/final --format merged --output swallow-ppo
+
+  swallowctl export runs/ppo/final --format mlx --output swallow-ppo-mlx-4bit
+
+  swallowctl export runs/ppo/final --format mlx-adapter --output swallow-ppo-mlx-adapter
+"""
+
+
+@app.command(epilog=EXPORT_EXAMPLES)
 def export(
-    run: Annotated[Path | None, typer.Argument(help="A trained adapter, e.g. RUN/final.")] = None,
+    run: Annotated[
+        Path, typer.Argument(help="A trained adapter: RUN_DIR/final or RUN_DIR/checkpoint-N.")
+    ],
+    format_: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="merged (transformers), mlx (merged + mlx_lm.convert) or mlx-adapter.",
+        ),
+    ] = ExportFormat.merged,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Folder to write (default: RUN_DIR/export-FORMAT).", file_okay=False),
+    ] = None,
+    model: ModelOpt = None,
+    dtype: Annotated[
+        ExportDtype | None,
+        typer.Option(help="Merged weights' dtype (default bfloat16; float32 for builtin:tiny-ja)."),
+    ] = None,
+    quantize: Annotated[
+        bool, typer.Option("--quantize/--no-quantize", help="--format mlx: quantize (default).")
+    ] = True,
+    q_bits: Annotated[int, typer.Option("--q-bits", help="--format mlx: bits per weight.")] = 4,
+    q_group_size: Annotated[
+        int, typer.Option("--q-group-size", help="--format mlx: weights per scale.")
+    ] = 64,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a non-empty --output folder.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Merge an adapter, or convert it for MLX (--format merged|mlx|mlx-adapter)."""
+    from swallowctl.export import export as run_export
+    from swallowctl.export import result_dict
+
     _start(verbose, quiet)
-    raise NotBuiltYetError("export")
+    result = run_export(
+        run,
+        format_.value,
+        output,
+        cfg=_load(config, set_).config,
+        model=model,
+        dtype=dtype.value if dtype else None,
+        quantize=quantize,
+        q_bits=q_bits,
+        q_group_size=q_group_size,
+        force=force,
+    )
+    if json_:
+        console.print_json(result_dict(result))
+        return
+    console.print_text(f"{result.format} export of {result.adapter} (base {result.base_model})")
+    console.print_text(f"written to {result.output}")
 
 
 # --- config and version ------------------------------------------------------------------------

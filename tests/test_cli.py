@@ -51,14 +51,6 @@ def test_python_dash_m_works() -> None:
     assert r.stdout.startswith(f"swallowctl {__version__}")
 
 
-@pytest.mark.parametrize("command", ["infer", "export"])
-def test_unbuilt_commands_say_so_and_exit_1(command: str) -> None:
-    code, out, err = run(command)
-    assert code == 1
-    assert "not built yet" in err
-    assert out == ""
-
-
 def test_validate_seed_config() -> None:
     code, out, err = run("config", "validate", str(FIXTURES / "seed_config.yaml"))
     assert code == 0, err

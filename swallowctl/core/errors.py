@@ -49,18 +49,6 @@ class MissingDependencyError(SwallowError):
         self.extra = extra
 
 
-class NotBuiltYetError(SwallowError):
-    """A subcommand that is registered but not implemented yet: say so plainly, never pretend."""
-
-    exit_code = 1
-
-    def __init__(self, command: str) -> None:
-        super().__init__(
-            f"'swallowctl {command}' is not built yet in this version",
-            hint="see CHANGELOG.md for what is available; 'swallowctl --help' lists every command",
-        )
-
-
 class RuntimeFailure(SwallowError):
     """Something failed while running (I/O, a model, the network)."""
 
