@@ -2,7 +2,7 @@
 _swallowctl_keys="model.name_or_path= model.revision= model.trust_remote_code= model.dtype= model.max_memory_per_device_gib= quantization.load_in_4bit= quantization.quant_type= quantization.double_quant= quantization.compute_dtype= lora.r= lora.alpha= lora.dropout= lora.target_modules= lora.init_adapter= lora.critic= generation.temperature= generation.top_p= generation.top_k= generation.typical_p= generation.min_p= generation.max_new_tokens= data.prompts= data.mode= data.max_prompt_tokens= data.shuffle= data.eval_prompts= modes= rewards= environment.entrypoint= environment.settings= environment.num_envs= environment.concurrency= environment.timeout_s= environment.retries= ppo.seed= ppo.lr= ppo.lr_scheduler_type= ppo.warmup_ratio= ppo.min_lr_ratio= ppo.max_grad_norm= ppo.weight_decay= ppo.per_device_train_batch_size= ppo.per_device_eval_batch_size= ppo.grad_accum_steps= ppo.num_mini_batches= ppo.ppo_epochs= ppo.local_rollout_forward_batch_size= ppo.total_updates= ppo.total_episodes= ppo.gradient_checkpointing= ppo.logits_chunk_size= ppo.kl_coef= ppo.kl_estimator= ppo.target_kl= ppo.min_kl_coef= ppo.max_kl_coef= ppo.kl_adjust_up= ppo.kl_adjust_down= ppo.cliprange= ppo.cliprange_value= ppo.vf_coef= ppo.gamma= ppo.lam= ppo.whiten_rewards= ppo.missing_eos_penalty= ppo.entropy_coef= ppo.entropy_auto_adjust= ppo.entropy_target= ppo.entropy_adjust_beta= ppo.entropy_coef_initial= ppo.entropy_coef_min= ppo.entropy_coef_max= ppo.max_entropy_bonus= ppo.entropy_coef_phase1= ppo.entropy_coef_phase2= ppo.entropy_coef_phase3= ppo.entropy_transition_updates= ppo.entropy_floor= ppo.entropy_patience= ppo.entropy_monitor_warmup= ppo.enable_deterministic_eval= ppo.deterministic_eval_frequency= output.dir= output.save_steps= output.save_total_limit= output.best_metric= logging.steps= logging.report_to= logging.num_samples="
 _swallowctl_subs() {
     case "$1" in
-        "") echo "download doctor tune-memory train infer export version config" ;;
+        "") echo "download doctor tune-memory train infer export version config env" ;;
         "download") echo "" ;;
         "doctor") echo "" ;;
         "tune-memory") echo "" ;;
@@ -14,6 +14,8 @@ _swallowctl_subs() {
         "config init") echo "" ;;
         "config show") echo "" ;;
         "config validate") echo "" ;;
+        "env") echo "check" ;;
+        "env check") echo "" ;;
     esac
 }
 _swallowctl() {
@@ -33,7 +35,7 @@ _swallowctl() {
             case "$prev" in
 
             esac
-            COMPREPLY=($(compgen -W "download doctor tune-memory train infer export version config --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "download doctor tune-memory train infer export version config env --help -h" -- "$cur")) ;;
         "download")
             case "$prev" in
                 --revision) COMPREPLY=(); return ;;
@@ -122,6 +124,21 @@ _swallowctl() {
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
             esac
             COMPREPLY=($(compgen -W "--config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+        "env")
+            case "$prev" in
+
+            esac
+            COMPREPLY=($(compgen -W "check --help -h" -- "$cur")) ;;
+        "env check")
+            case "$prev" in
+                --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
+                --mode) COMPREPLY=(); return ;;
+                --episodes) COMPREPLY=(); return ;;
+                --max-steps) COMPREPLY=(); return ;;
+                --seed) COMPREPLY=(); return ;;
+            esac
+            COMPREPLY=($(compgen -W "--config -c --set --mode --episodes --max-steps --seed --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
     esac
 }
 complete -o default -F _swallowctl swallowctl

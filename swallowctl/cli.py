@@ -51,6 +51,8 @@ app = _app(
 )
 config_app = _app("Write, show and check config files.")
 app.add_typer(config_app, name="config")
+env_app = _app("Check an environment class (reset / observe / step) before training with it.")
+app.add_typer(env_app, name="env")
 
 
 def _complete_set(incomplete: str) -> list[str]:
@@ -595,6 +597,78 @@ def config_validate(
     elif not quiet:
         n = len(loaded.warnings)
         console.print_text(f"{name} is valid" + (f" ({n} warning{'s' * (n != 1)})" if n else ""))
+
+
+ENV_CHECK_EXAMPLES = """Examples:
+
+  swallowctl env check examples.intervention_env:InterventionEnv -c examples/intervention.yaml
+
+  swallowctl env check my_env:MyEnv --mode intervention --episodes 10 --json
+"""
+
+
+@env_app.command("check", epilog=ENV_CHECK_EXAMPLES)
+def env_check(
+    entrypoint: Annotated[
+        str | None,
+        typer.Argument(help="package.module:Class (default: the config's environment.entrypoint)."),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    mode: Annotated[
+        str | None, typer.Option(help="Mode the observations are laid out in (default: data.mode).")
+    ] = None,
+    episodes: Annotated[int, typer.Option("--episodes", min=1, help="Episodes to run.")] = 4,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", min=1, help="Stop an episode after this many steps.")
+    ] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the episodes and the random actions.")] = 0,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a few episodes with fixed and random actions: latency, rewards, errors (exit 1).
+
+    Settings and sections come from --config, as in training; each call gets
+    environment.timeout_s and no retries, so the first failure is reported.
+    """
+    from swallowctl.core.errors import RuntimeFailure
+    from swallowctl.ppo.environment import check_environment, render_check
+
+    _start(verbose, quiet)
+    cfg = _load(config, set_).config
+    env = cfg.environment
+    spec = entrypoint or (env.entrypoint if env else None)
+    if not spec:
+        raise UsageError(
+            "name the environment: swallowctl env check package.module:Class",
+            hint="or give --config with environment.entrypoint",
+        )
+    name = mode or cfg.data.mode
+    try:
+        spec_mode = cfg.mode(name)
+    except KeyError:
+        raise UsageError(f"--mode {name}: unknown mode", hint="see modes: in the config") from None
+    report = check_environment(
+        spec,
+        env.settings if env else {},
+        cfg.user_sections,
+        spec_mode,
+        mode_name=name,
+        episodes=episodes,
+        max_steps=max_steps,
+        seed=seed,
+        timeout_s=env.timeout_s if env else 120.0,
+    )
+    if json_:
+        console.print_json(report.to_json())
+    else:
+        for line in render_check(report):
+            console.print_text(line)
+    if report.problems:
+        raise RuntimeFailure(
+            report.problems[0], hint=report.hint or "fix the environment, then run env check again"
+        )
 
 
 @app.command()

@@ -44,10 +44,13 @@ class Plan:
     num_processes: int
     rollout_chunk: int  # sequences per generate / scoring forward
     reward_calls: int  # one per sample per reward component, for the whole run
+    environment: str | None = None  # `module:Class`, when samples come from an environment
+    num_envs: int = 0  # environments per process
+    env_steps: int = 0  # at most one per sample (output errors are not stepped)
 
     def lines(self) -> list[str]:
         s = self.sizes
-        return [
+        out = [
             f"updates: {s.total_updates}, samples per update: {s.samples_per_update} "
             f"({self.num_processes} process(es)), total samples: {s.total_samples}",
             f"per update: {s.optimizer_steps_per_update} optimizer steps "
@@ -55,26 +58,46 @@ class Plan:
             f"rollout chunk {self.rollout_chunk}",
             f"reward calls: {self.reward_calls}",
         ]
+        if self.environment:
+            out.append(
+                f"environment: {self.environment}, {self.num_envs} per process; "
+                f"environment steps: up to {self.env_steps} (one per sample)"
+            )
+        return out
 
 
 def make_plan(cfg: SwallowConfig, num_processes: int = 1) -> Plan:
     from swallowctl.ppo.rewards import default_reward_specs
 
     sizes = cfg.sizes(num_processes)
-    components = len(cfg.rewards or default_reward_specs(cfg.mode()))
+    env = cfg.environment
+    # With an environment, its reward is the score: `rewards:` only adds to it (none by default).
+    components = len(cfg.rewards) if env else len(cfg.rewards or default_reward_specs(cfg.mode()))
     return Plan(
         sizes=sizes,
         num_processes=num_processes,
         rollout_chunk=cfg.ppo.local_rollout_forward_batch_size or sizes.micro_batch,
         reward_calls=sizes.total_samples * components,
+        environment=env.entrypoint if env else None,
+        num_envs=(env.num_envs or sizes.samples_per_update // num_processes) if env else 0,
+        env_steps=sizes.total_samples if env else 0,
     )
 
 
 def check_inputs(cfg: SwallowConfig) -> int:
-    """Validate data and reward functions before any model loads; return the prompt count."""
+    """Validate data (or the environment class) and reward functions before any model loads.
+
+    Returns the prompt count (with an environment: the number of environments per process).
+    """
     from swallowctl.ppo.data import load_prompts
     from swallowctl.ppo.rewards import check_reward_specs
 
+    if cfg.environment is not None:
+        from swallowctl.ppo.environment import load_environment_class
+
+        load_environment_class(cfg.environment.entrypoint)
+        check_reward_specs(cfg.rewards)
+        return make_plan(cfg).num_envs
     rows = load_prompts(cfg.data.prompts, cfg.mode(), mode_name=cfg.data.mode)
     check_reward_specs(cfg.rewards)
     return len(rows)
@@ -147,6 +170,8 @@ class PPOTrainer:
         self._build_controllers()
         if resume_path is not None:
             self._load(resume_path)
+        if self.env_pool is not None:
+            self.env_pool.start()  # first resets run while the rest is set up
         if self.accelerator.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.runlog = (
@@ -210,6 +235,12 @@ class PPOTrainer:
 
         cfg = self.cfg
         self.mode = cfg.mode()
+        self.env_pool: Any = None  # an EnvPool when samples come from an environment
+        self.stream: PromptStream | None = None
+        self.rewards: RewardSet | None = None
+        if cfg.environment is not None:
+            self._build_environment()
+            return
         rows = load_prompts(cfg.data.prompts, self.mode, mode_name=cfg.data.mode)
         self.stream = PromptStream(
             rows,
@@ -232,6 +263,50 @@ class PPOTrainer:
             stop_token_ids=self.stop_ids,
             modes=cfg.modes,
             mode=cfg.data.mode,
+        )
+
+    def _build_environment(self) -> None:
+        """The environment pool replaces the prompt stream; `rewards:` only add to its reward."""
+        from swallowctl.ppo.environment import CallPolicy, EnvPool, load_environment_class
+        from swallowctl.ppo.rewards import RewardSet
+
+        cfg, env = self.cfg, self.cfg.environment
+        assert env is not None
+        per_process = self.plan.sizes.samples_per_update // self.accelerator.num_processes
+        if env.num_envs is not None and env.num_envs < per_process:
+            raise UsageError(
+                f"environment.num_envs is {env.num_envs}, but each update takes {per_process} "
+                "samples per process, and every sample needs an environment of its own",
+                hint=f"set environment.num_envs to at least {per_process}, or leave it out",
+            )
+        self.eval_rows = []
+        self.best_value = -math.inf
+        if cfg.ppo.enable_deterministic_eval:
+            log.warning(
+                "ppo.enable_deterministic_eval: greedy evaluation inside an environment is not "
+                "built yet; no eval/* metrics in this run"
+            )
+        self.rewards = (
+            RewardSet.from_config(
+                cfg.rewards,
+                device=self.device,
+                load_in_4bit=self.precision.load_in_4bit,
+                stop_token_ids=self.stop_ids,
+                modes=cfg.modes,
+                mode=cfg.data.mode,
+            )
+            if cfg.rewards
+            else None
+        )
+        self.env_pool = EnvPool(
+            load_environment_class(env.entrypoint),
+            env.settings,
+            cfg.user_sections,
+            num_envs=env.num_envs or per_process,
+            seed=cfg.ppo.seed,
+            rank=self.accelerator.process_index,
+            concurrency=env.concurrency,
+            policy=CallPolicy(timeout_s=env.timeout_s, retries=env.retries),
         )
 
     def _build_optimizer(self) -> None:
@@ -319,16 +394,22 @@ class PPOTrainer:
         finally:
             if self.runlog is not None:
                 self.runlog.close()
+            if self.env_pool is not None:
+                self.env_pool.close()
         return TrainResult(self.run_dir, final, update, last, stopped)
 
     def _one_update(self, update: int) -> dict[str, float]:
         import torch
 
         t0 = time.perf_counter()
-        rows = self.stream.next_batch(
-            self.plan.sizes.samples_per_update // self.accelerator.num_processes
-        )
-        b = self._rollout(rows)
+        if self.env_pool is not None:
+            b = self._env_rollout()
+        else:
+            assert self.stream is not None
+            rows = self.stream.next_batch(
+                self.plan.sizes.samples_per_update // self.accelerator.num_processes
+            )
+            b = self._rollout(rows)
         t1 = time.perf_counter()
         stats = self._optimize(b)
         t2 = time.perf_counter()
@@ -356,32 +437,14 @@ class PPOTrainer:
     def _rollout(self, rows: list[Any]) -> dict[str, Any]:
         """Sample responses, score them once, compute old log-probs, values and reference."""
 
-        from swallowctl.ppo import rollout
-
-        chunk = self.plan.rollout_chunk
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.eval()
-        prompts = rollout.encode_prompts(
-            self.tokenizer, [r.messages for r in rows], self.cfg.data.max_prompt_tokens
-        )
-        pieces = []
-        for i in range(0, len(prompts), chunk):
-            q, qm = rollout.left_pad(prompts[i : i + chunk], self.pad_id)
-            pieces.append(
-                rollout.generate(
-                    unwrapped.peft,
-                    q.to(self.device),
-                    qm.to(self.device),
-                    self.cfg.generation,
-                    self.stop_ids,
-                    self.pad_id,
-                )
-            )
-        batch = rollout.concat(pieces, self.pad_id)
+        batch = self._generate(unwrapped, [r.messages for r in rows])
         logprobs, values, ref_logprobs = self._score_forward(unwrapped, batch)
         texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
         scores, components = self._rewards(rows, batch, texts)
         return {
+            "metrics": self._choice_metrics(rows, texts),
             "batch": batch,
             "logprobs": logprobs,
             "values": values,
@@ -396,6 +459,142 @@ class PPOTrainer:
                     **{k: _float(v[i]) for k, v in components.items()},
                 }
                 for i, (r, t, s) in enumerate(zip(rows, texts, scores.tolist(), strict=True))
+            ],
+        }
+
+    def _choice_metrics(self, rows: list[Any], texts: list[str]) -> dict[str, float]:
+        """`choice/*` of a prompt-file batch (`choice/accuracy` if rows have a `correct` column)."""
+        from swallowctl.ppo.environment import CORRECT_KEY, choice_metrics
+
+        if not self.mode.choices:
+            return {}
+        truth = [r.columns.get(CORRECT_KEY) for r in rows]
+        if all(t is None for t in truth):
+            out = choice_metrics(texts, self.mode)
+            del out["choice/accuracy"]  # this data set does not say what is right
+            return out
+        return choice_metrics(texts, self.mode, [None if t is None else str(t) for t in truth])
+
+    def _generate(
+        self,
+        unwrapped: Any,
+        conversations: list[list[dict[str, str]]],
+        on_chunk: Callable[[int, Any], None] | None = None,
+    ) -> Any:
+        """Sample answers chunk by chunk; `on_chunk(start, piece)` sees each chunk as it is done.
+
+        (So environment steps of one chunk run while the next chunk is generated.)
+        """
+        from swallowctl.ppo import rollout
+
+        chunk = self.plan.rollout_chunk
+        prompts = rollout.encode_prompts(
+            self.tokenizer, conversations, self.cfg.data.max_prompt_tokens
+        )
+        pieces = []
+        for i in range(0, len(prompts), chunk):
+            q, qm = rollout.left_pad(prompts[i : i + chunk], self.pad_id)
+            piece = rollout.generate(
+                unwrapped.peft,
+                q.to(self.device),
+                qm.to(self.device),
+                self.cfg.generation,
+                self.stop_ids,
+                self.pad_id,
+            )
+            if on_chunk is not None:
+                on_chunk(i, piece)
+            pieces.append(piece)
+        return rollout.concat(pieces, self.pad_id)
+
+    def _env_rollout(self) -> dict[str, Any]:
+        """Rollout from the environment pool: each sample from its own slot, stepped once.
+
+        Steps of a chunk are submitted as soon as it is generated and run while the next chunk
+        is generated and while log-probs, values and reference are computed; the trainer waits
+        for them only then.
+        """
+        import torch
+
+        from swallowctl.ppo.environment import collect, env_metrics, render_observation
+        from swallowctl.ppo.rewards import parse_choice
+
+        pool, mode = self.env_pool, self.mode
+        n = self.plan.sizes.samples_per_update // self.accelerator.num_processes
+        t0 = time.perf_counter()
+        slots = pool.next_slots(n)
+        observations = [pool.observation(s) for s in slots]
+        rows = [
+            render_observation(o, mode, f"environment {pool.name}.observe (slot {s})")
+            for s, o in zip(slots, observations, strict=True)
+        ]
+        t_observed = time.perf_counter()
+        texts: list[str] = [""] * n
+        keys: list[str | None] = [None] * n
+        steps: list[Any] = [None] * n
+
+        def submit(start: int, piece: Any) -> None:
+            decoded = self.tokenizer.batch_decode(piece.response, skip_special_tokens=True)
+            for j, text in enumerate(decoded):
+                i = start + j
+                texts[i] = text
+                key = parse_choice(text, mode.choices) if mode.choices else None
+                keys[i] = key
+                if mode.choices and key is None and not pool.accepts_output_errors:
+                    steps[i] = pool.skip(slots[i])  # an output error is not an action
+                else:
+                    label = mode.choices[key] if mode.choices and key is not None else None
+                    steps[i] = pool.step_async(slots[i], text, label, observations[i].state)
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.eval()
+        batch = self._generate(unwrapped, [r.messages for r in rows], submit)
+        logprobs, values, ref_logprobs = self._score_forward(unwrapped, batch)
+        extra = self._rewards(rows, batch, texts) if self.rewards is not None else None
+        t_waiting = time.perf_counter()
+        outcomes = collect(steps)
+        t_done = time.perf_counter()
+
+        env_rewards = [math.nan if o.reward is None else o.reward for o in outcomes]
+        total = [0.0 if math.isnan(r) else r for r in env_rewards]
+        if mode.choices:
+            penalty = mode.output_error_penalty
+            total = [t + (penalty if k is None else 0.0) for t, k in zip(total, keys, strict=True)]
+        scores = torch.tensor(total, dtype=torch.float32, device=self.device)
+        components: dict[str, list[float]] = {"environment": env_rewards}
+        if extra is not None:
+            scores = scores + extra[0]  # the configured rewards (missing_eos_penalty included)
+            components.update(extra[1])
+        elif self.cfg.ppo.missing_eos_penalty is not None:
+            scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
+        metrics = env_metrics(outcomes, texts, mode, graded=pool.reports_correct)
+        metrics["env/observe_wait_s"] = t_observed - t0
+        metrics["env/step_wait_s"] = t_done - t_waiting
+        return {
+            "batch": batch,
+            "logprobs": logprobs,
+            "values": values,
+            "ref_logprobs": ref_logprobs,
+            "scores": scores,
+            "components": components,
+            "metrics": metrics,
+            "samples": [
+                {
+                    # What the policy saw (the mode's layout of the observation).
+                    "prompt": r.messages[-1]["content"],
+                    "completion": t,
+                    "score": float(s),
+                    "choice": mode.choices[k] if mode.choices and k is not None else None,
+                    **{c: _float(v[i]) for c, v in components.items()},
+                    "env": o.slot,
+                    "episode": o.episode,
+                    "step": o.step,
+                    "done": o.done,
+                    "info": _plain(o.info),
+                }
+                for i, (r, t, s, k, o) in enumerate(
+                    zip(rows, texts, scores.tolist(), keys, outcomes, strict=True)
+                )
             ],
         }
 
@@ -435,6 +634,7 @@ class PPOTrainer:
             r[m].tolist()
             for r, m in zip(batch.response.cpu(), batch.response_mask.cpu(), strict=True)
         ]
+        assert self.rewards is not None
         result = self.rewards(
             prompts=[_prompt_text(r) for r in rows],
             completions=texts,
@@ -452,6 +652,8 @@ class PPOTrainer:
 
     def _eval_due(self, update: int) -> bool:
         p = self.cfg.ppo
+        if self.env_pool is not None:
+            return False  # greedy evaluation in an environment: not built yet (warned at start)
         return p.enable_deterministic_eval and update % p.deterministic_eval_frequency == 0
 
     def _evaluate(self) -> dict[str, float]:
@@ -527,6 +729,7 @@ class PPOTrainer:
         for label, values in b["components"].items():
             finite = [v for v in values if v is not None and math.isfinite(v)]
             stats[f"reward/{label}"] = sum(finite) / len(finite) if finite else float("nan")
+        stats.update(b.get("metrics", {}))  # choice/* and env/*: this update's window only
         return self._reduce(stats)
 
     def _epochs(
@@ -654,7 +857,8 @@ class PPOTrainer:
             "ent_ctl": self.ent_ctl.state_dict() if self.ent_ctl else None,
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "best_value": self.best_value if math.isfinite(self.best_value) else None,
-            "data": self.stream.state_dict(),
+            "data": self.stream.state_dict() if self.stream is not None else None,
+            "environment": self.env_pool.state_dict() if self.env_pool is not None else None,
             "python_random": _jsonable_random_state(),
         }
         # Sampling and mini-batch shuffles draw from torch's RNG: restoring it makes a resumed
@@ -706,7 +910,7 @@ class PPOTrainer:
         ):
             if ctl is not None and state[key] is not None:
                 ctl.load_state_dict(state[key])
-        self.stream.load_state_dict(state["data"])
+        self._load_inputs(path, state)
         best = state.get("best_value")
         self.best_value = -math.inf if best is None else float(best)
         torch.set_rng_state(tensors["torch_rng"])
@@ -715,6 +919,23 @@ class PPOTrainer:
         _restore_random_state(state["python_random"])
         self.start_update = int(state["update"])
         log.info("resumed from %s (update %d)", path, self.start_update)
+
+    def _load_inputs(self, path: Path, state: dict[str, Any]) -> None:
+        """The data cursor, or the environment pool's counters, seeds and states."""
+        saved_env = state.get("environment")
+        if (saved_env is not None) != (self.env_pool is not None):
+            then, now = (
+                ("an environment", "prompts") if saved_env else ("prompts", "an environment")
+            )
+            raise UsageError(
+                f"{path} was trained from {then}; this config trains from {now}",
+                hint="resume with the config the run was started with",
+            )
+        if self.env_pool is not None:
+            self.env_pool.load_state_dict(saved_env)
+        else:
+            assert self.stream is not None
+            self.stream.load_state_dict(state["data"])
 
     def _write_config(self) -> None:
         if self.accelerator.is_main_process:
@@ -769,6 +990,17 @@ def _prompt_text(row: Any) -> str:
 
 def _float(v: Any) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _plain(info: dict[str, Any]) -> dict[str, Any]:
+    """An environment's `info` as valid JSON for samples.jsonl: finite numbers, str, bool."""
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        if isinstance(v, bool | str) or v is None:
+            out[k] = v
+        elif isinstance(v, int | float):
+            out[k] = float(v) if math.isfinite(v) else None
+    return out
 
 
 def _jsonable_random_state() -> list[Any]:
