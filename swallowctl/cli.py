@@ -265,20 +265,28 @@ def train(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """PPO with QLoRA on one shared 4-bit base (PyTorch only; MLX cannot train)."""
+    """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
+    from swallowctl.ppo import critic_free
     from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
 
     _start(verbose, quiet)
     cfg = _load(config, set_).config
+    ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
     plan = make_plan(cfg)
-    for line in plan.lines():
+    for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
         console.info(line)
-    check_inputs(cfg)
+    if ppo:
+        check_inputs(cfg)
+    else:
+        critic_free.check_inputs(cfg)
     if dry_run:
         console.print_text("dry run: config, data and rewards are valid; nothing trained")
         return
+    if resume:
+        critic_free.check_run_algorithm(cfg)  # a run of another algorithm cannot continue
+    trainer_class = PPOTrainer if ppo else critic_free.CriticFreeTrainer
     with console.update_progress(plan.sizes.total_updates) as on_update:
-        result = PPOTrainer(cfg, resume=resume, on_update=on_update).run()
+        result = trainer_class(cfg, resume=resume, on_update=on_update).run()
     console.print_text(f"adapter: {result.final_dir}")
     if result.stopped_early:
         console.warn(f"stopped early: {result.stopped_early}")

@@ -141,9 +141,17 @@ class EnvironmentSection(_Section):
     retries: int = Field(2, ge=0)
 
 
+Algorithm = Literal["ppo", "grpo", "rloo"]
+CRITIC_FREE: tuple[Algorithm, ...] = ("grpo", "rloo")
+
+
 class PPOSection(_Section):
     """The training run. Key names are our users' dialect (TRL PPO + their own controllers)."""
 
+    algorithm: Algorithm = Field(
+        "ppo",
+        description="ppo (ours, with a value head), or grpo / rloo (TRL's, critic-free)",
+    )
     seed: int = 42
     # Optimiser and schedule (computed from the real number of updates).
     lr: float = Field(1e-5, gt=0)
@@ -203,6 +211,27 @@ class PPOSection(_Section):
     # Deterministic (greedy) evaluation during training.
     enable_deterministic_eval: bool = False
     deterministic_eval_frequency: int = Field(10, gt=0)
+    # grpo / rloo only (TRL's GRPOTrainer / RLOOTrainer). The shared keys above map onto them:
+    # lr, schedule, batches, ppo_epochs (GRPO's mu), total_updates, kl_coef (beta), cliprange.
+    num_generations: int = Field(
+        4, gt=0, description="grpo/rloo: answers per prompt, the group compared; divides the batch"
+    )
+    cliprange_high: float | None = Field(
+        None, gt=0, description="grpo/rloo: upper clip (DAPO: 0.28); null = cliprange"
+    )
+    mask_truncated_completions: bool = Field(
+        False, description="grpo/rloo: answers cut at max_new_tokens add no loss"
+    )
+    grpo_loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = Field(
+        "dapo", description="grpo: how token losses are averaged (TRL's loss_type)"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide advantages by the reward std of the group/batch"
+    )
+    normalize_advantages: bool = Field(False, description="rloo: whiten advantages over the batch")
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict, description="grpo/rloo: more GRPOConfig/RLOOConfig fields"
+    )
 
 
 class OutputSection(_Section):
@@ -541,10 +570,146 @@ def _format_errors(err: ValidationError, where: _Where) -> str:
 _TYPE_TAGS = {"bool", "int", "float", "str", "list", "dict", "none", "function-after"}
 
 
+# --- settings that only some algorithms have ----------------------------------------------------
+
+_NO_CRITIC = "it has no value model"
+_FIXED_KL = "TRL keeps the KL coefficient (beta) fixed"
+_OUR_ENTROPY = "the entropy controllers run in swallowctl's own PPO loop"
+_OUR_EVAL = "greedy evaluation runs in swallowctl's own PPO loop"
+_GROUP = "PPO's baseline is its value head, not a group of answers"
+
+# ppo.<key> -> (the algorithms that read it, why the others do not).
+ONLY_FOR: dict[str, tuple[tuple[Algorithm, ...], str]] = {
+    "vf_coef": (("ppo",), _NO_CRITIC),
+    "cliprange_value": (("ppo",), _NO_CRITIC),
+    "gamma": (("ppo",), _NO_CRITIC),
+    "lam": (("ppo",), _NO_CRITIC),
+    "whiten_rewards": (("ppo",), _NO_CRITIC),
+    "kl_estimator": (("ppo",), "TRL's GRPO puts k3 in the loss, its RLOO k1 in the reward"),
+    "target_kl": (("ppo",), _FIXED_KL),
+    "min_kl_coef": (("ppo",), _FIXED_KL),
+    "max_kl_coef": (("ppo",), _FIXED_KL),
+    "kl_adjust_up": (("ppo",), _FIXED_KL),
+    "kl_adjust_down": (("ppo",), _FIXED_KL),
+    "local_rollout_forward_batch_size": (("ppo",), "TRL generates a whole update in one call"),
+    "logits_chunk_size": (("ppo",), "TRL chunks its log-probs itself"),
+    "entropy_coef": (("ppo", "grpo"), "RLOO has no entropy bonus"),
+    "entropy_auto_adjust": (("ppo",), _OUR_ENTROPY),
+    "entropy_target": (("ppo",), _OUR_ENTROPY),
+    "entropy_adjust_beta": (("ppo",), _OUR_ENTROPY),
+    "entropy_coef_initial": (("ppo",), _OUR_ENTROPY),
+    "entropy_coef_min": (("ppo",), _OUR_ENTROPY),
+    "entropy_coef_max": (("ppo",), _OUR_ENTROPY),
+    "max_entropy_bonus": (("ppo",), _OUR_ENTROPY),
+    "entropy_coef_phase1": (("ppo",), _OUR_ENTROPY),
+    "entropy_coef_phase2": (("ppo",), _OUR_ENTROPY),
+    "entropy_coef_phase3": (("ppo",), _OUR_ENTROPY),
+    "entropy_transition_updates": (("ppo",), _OUR_ENTROPY),
+    "entropy_floor": (("ppo",), _OUR_ENTROPY),
+    "entropy_patience": (("ppo",), _OUR_ENTROPY),
+    "entropy_monitor_warmup": (("ppo",), _OUR_ENTROPY),
+    "enable_deterministic_eval": (("ppo",), _OUR_EVAL),
+    "deterministic_eval_frequency": (("ppo",), _OUR_EVAL),
+    "per_device_eval_batch_size": (("ppo",), _OUR_EVAL),
+    "num_generations": (CRITIC_FREE, _GROUP),
+    "cliprange_high": (CRITIC_FREE, "swallowctl's PPO clips symmetrically"),
+    "mask_truncated_completions": (CRITIC_FREE, "use missing_eos_penalty with ppo"),
+    "trl_args": (CRITIC_FREE, "ppo is swallowctl's own loop"),
+    "grpo_loss_type": (("grpo",), "only GRPO has loss types"),
+    "scale_rewards": (("grpo",), "only GRPO scales by the group's std"),
+    "normalize_advantages": (("rloo",), "only RLOO has this switch"),
+}
+
+# Of those, the ones the user asked for a behaviour with: silently dropping them would train
+# something else, so setting them for an algorithm without them is an error, not a warning.
+REFUSED_ELSEWHERE = frozenset(
+    {
+        "target_kl",
+        "entropy_coef",
+        "entropy_auto_adjust",
+        "max_entropy_bonus",
+        "entropy_coef_phase1",
+        "entropy_coef_phase2",
+        "entropy_coef_phase3",
+        "entropy_transition_updates",
+        "entropy_floor",
+        "enable_deterministic_eval",
+    }
+)
+
+
+def _unused_settings(cfg: SwallowConfig) -> list[tuple[str, str]]:
+    """(key, why) for each ppo.* setting that differs from its default but this algorithm lacks."""
+    p = cfg.ppo
+    out = []
+    for key, (algorithms, why) in ONLY_FOR.items():
+        default = PPOSection.model_fields[key].get_default(call_default_factory=True)
+        if p.algorithm not in algorithms and getattr(p, key) != default:
+            out.append((key, why))
+    return out
+
+
+def _algorithm_problems(cfg: SwallowConfig) -> list[tuple[KeyPath, str]]:
+    """What grpo / rloo cannot run: their own settings wrong, or features only our PPO has."""
+    p = cfg.ppo
+    if p.algorithm not in CRITIC_FREE:
+        return []
+    problems: list[tuple[KeyPath, str]] = []
+    sizes = BatchSizes.of(p)
+    if p.num_generations < 2:
+        problems.append(
+            (
+                ("ppo", "num_generations"),
+                f"must be at least 2 for {p.algorithm}: each answer is compared with the others "
+                "to the same prompt",
+            )
+        )
+    elif sizes.samples_per_update % p.num_generations:
+        fits = [
+            n for n in range(2, sizes.samples_per_update + 1) if sizes.samples_per_update % n == 0
+        ]
+        problems.append(
+            (
+                ("ppo", "num_generations"),
+                f"{p.num_generations} does not divide the {sizes.samples_per_update} samples per "
+                f"update (per_device_train_batch_size {p.per_device_train_batch_size} x "
+                f"grad_accum_steps {p.grad_accum_steps} x num_mini_batches "
+                f"{p.num_mini_batches}); use one of {', '.join(map(str, fits[:6]))}",
+            )
+        )
+    for key, why in _unused_settings(cfg):
+        if key in REFUSED_ELSEWHERE:
+            problems.append(
+                (
+                    ("ppo", key),
+                    f"not available with algorithm {p.algorithm} ({why}); "
+                    "remove it or use algorithm: ppo",
+                )
+            )
+    if cfg.lora.critic != "shared":
+        problems.append((("lora", "critic"), f"{p.algorithm} has no critic; remove lora.critic"))
+    if cfg.environment is not None:
+        problems.append(
+            (("environment",), f"environments run with algorithm: ppo only, not {p.algorithm}")
+        )
+    return problems
+
+
+def _algorithm_warnings(cfg: SwallowConfig, where: _Where) -> list[str]:
+    """Settings this algorithm ignores (set, but harmless to drop): one warning each."""
+    p = cfg.ppo
+    return [
+        f"{where(('ppo', key))}: ppo.{key}: {getattr(p, key)!r} is not used by algorithm "
+        f"{p.algorithm} ({why})"
+        for key, why in _unused_settings(cfg)
+        if not (p.algorithm in CRITIC_FREE and key in REFUSED_ELSEWHERE)
+    ]
+
+
 def _check_consistency(cfg: SwallowConfig, where: _Where) -> None:
     """Rules that span several keys; each names the key to change."""
     p = cfg.ppo
-    problems: list[tuple[KeyPath, str]] = []
+    problems: list[tuple[KeyPath, str]] = _algorithm_problems(cfg)
     modes = {**BUILTIN_MODES, **cfg.modes}
     if cfg.data.mode not in modes:
         guess = difflib.get_close_matches(cfg.data.mode, list(modes), n=1)
@@ -606,6 +771,7 @@ def load_config(
     except ValidationError as e:
         raise ConfigError(_format_errors(e, where)) from None
     _check_consistency(cfg, where)
+    warnings += _algorithm_warnings(cfg, where)
     return LoadedConfig(config=cfg, path=file, warnings=warnings)
 
 

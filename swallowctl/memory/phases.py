@@ -12,6 +12,11 @@ persistent terms are counted once. An update has four memory shapes; the peak is
 The AdamW states stay on the GPU between updates, so they count in every phase; the LoRA grads
 only in the update (zero_grad(set_to_none=True) frees them). The per-term formulas live in
 terms.py.
+
+GRPO and RLOO (`Settings.algorithm`, TRL's trainers) have the same four shapes without a critic:
+no value head; the rollout generates the whole local generation batch in one call, every prompt
+`num_generations` times (the group whose mean is the baseline), so its KV cache holds all of
+them; scoring and the update run `micro_batch` sequences at a time through TRL's fused LM head.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from swallowctl.memory.terms import (
     SAMPLING_BYTES_NO_TOP_P,
     SLACK_FRACTION,
     SLACK_MIN_BYTES,
+    TRL_TOKEN_TILE,
+    TRL_VOCAB_TILE,
     Settings,
     adapter_param_count,
     backward_working_bytes,
@@ -38,6 +45,7 @@ from swallowctl.memory.terms import (
     embedding_bytes,
     final_bytes,
     forward_working_bytes,
+    fused_logits_bytes,
     kv_cache_bytes_per_token,
     layer_activation_bytes,
     logits_bytes_per_vocab,
@@ -149,8 +157,15 @@ def _persistent_terms(arch: Architecture, s: Settings) -> list[Term]:
             f"vocab x hidden x {2 if kept == 'bf16' else 4} B, x2 untied",
         ),
         Term("norms", "norms, rotary", norm_bytes(arch, s), "hidden per norm"),
-        Term("lora", "LoRA weights", n_lora * FP32, f"{n_lora:,} params x 4 B"),
-        Term("adam", "AdamW m + v", n_lora * FP32 * ADAM_STATES, f"{n_lora:,} x 8 B"),
+        Term(
+            "lora", "LoRA weights", n_lora * s.lora_bytes, f"{n_lora:,} params x {s.lora_bytes} B"
+        ),
+        Term(
+            "adam",
+            "AdamW m + v",
+            n_lora * s.lora_bytes * ADAM_STATES,
+            f"{n_lora:,} x {s.lora_bytes * ADAM_STATES} B",
+        ),
         Term("value_head", "value head", value_head_bytes(arch, s), "16 B/param"),
         Term("reference_adapter", "reference adapter", ref, "LoRA params x 4 B"),
         Term("dequant", "dequantize buffer", dequant_buffer_bytes(arch, s), "largest Linear"),
@@ -176,12 +191,14 @@ def _rollout_terms(arch: Architecture, s: Settings) -> list[Term]:
     f, p = s.rollout_batch, s.prompt_tokens
     kv = kv_cache_bytes_per_token(arch, s)
     per_vocab = SAMPLING_BYTES if s.top_p else SAMPLING_BYTES_NO_TOP_P
+    # GRPO / RLOO: the batch is prompts x their group of answers, all generated at once.
+    batch = f"{f} ({f // s.num_generations} prompts x {s.num_generations})" if s.critic_free else f
     return [
         Term(
             "kv_cache",
             "KV cache",
             kv * s.seq_tokens * f,
-            f"{kv // 1024} KiB/token x (prompt + response) x {f}",
+            f"{kv // 1024} KiB/token x (prompt + response) x {batch}",
         ),
         Term(
             "prefill",
@@ -202,22 +219,16 @@ def _rollout_terms(arch: Architecture, s: Settings) -> list[Term]:
 def _scoring_terms(arch: Architecture, s: Settings) -> list[Term]:
     """No-grad forwards of `rollout_batch` whole sequences, then log-probs chunk by chunk.
     The reward model runs on its own (after the policy), so the larger working set counts."""
-    f, seq = s.rollout_batch, s.seq_tokens
+    # TRL scores per_device_train_batch_size sequences at a time, our PPO the rollout batch.
+    f, seq = (s.micro_batch if s.critic_free else s.rollout_batch), s.seq_tokens
     forward = forward_working_bytes(arch, s) * f * seq
     for rm in s.reward_models:
         plain = Settings(upcast=False, lora_targets=(), attention=s.attention)
         forward = max(forward, forward_working_bytes(rm.architecture, plain) * rm.batch * seq)
-    chunk = min(s.logits_chunk, f * s.response_tokens)
-    per_vocab = logits_bytes_per_vocab(s, grad=False)
     return [
         Term("forward", "forward (no grad)", forward, "working set x tokens"),
         Term("attention_mask", "attention mask", mask_bytes(f, seq, seq, s), "batch x seq^2 x 1 B"),
-        Term(
-            "logits",
-            "logits chunk",
-            chunk * arch.vocab_size * per_vocab,
-            f"{chunk} tokens x vocab x {per_vocab} B",
-        ),
+        _logits_term(arch, s, f * s.response_tokens, grad=False),
     ]
 
 
@@ -228,21 +239,13 @@ def _update_terms(arch: Architecture, s: Settings, step: Literal["loss", "backwa
     n_lora = adapter_param_count(arch, s)
     graphs = 2 if s.critic_adapter else 1  # a critic adapter runs its own forward with grad
     terms = [
-        Term("grads", "LoRA grads", n_lora * FP32, f"{n_lora:,} params x 4 B"),
+        Term("grads", "LoRA grads", n_lora * s.lora_bytes, f"{n_lora:,} params x {s.lora_bytes} B"),
         _saved_activations(arch, s, tokens, graphs),
         Term("final", "final hidden", final_bytes(arch, s) * tokens, "x tokens"),
         Term("attention_mask", "attention mask", mask_bytes(m, seq, seq, s), "batch x seq^2 x 1 B"),
     ]
     if step == "loss":
-        chunk = min(s.logits_chunk, m * s.response_tokens)
-        per_vocab = logits_bytes_per_vocab(s, grad=True)
-        logits = Term(
-            "logits",
-            "logits chunk",
-            chunk * arch.vocab_size * per_vocab,
-            f"{chunk} tokens x vocab x {per_vocab} B",
-        )
-        return [*terms, logits]
+        return [*terms, _logits_term(arch, s, m * s.response_tokens, grad=True)]
     recompute = layer_activation_bytes(arch, s) * tokens if s.gradient_checkpointing else 0
     return [
         *terms,
@@ -254,6 +257,26 @@ def _update_terms(arch: Architecture, s: Settings, step: Literal["loss", "backwa
             "grads of one layer's tensors x tokens",
         ),
     ]
+
+
+def _logits_term(arch: Architecture, s: Settings, response_tokens: int, grad: bool) -> Term:
+    """Log-probs of `response_tokens` positions: our chunked log-softmax (a chunk of positions x
+    the whole vocabulary), or TRL's fused head (a token x vocab tile) for GRPO / RLOO."""
+    if s.critic_free:
+        return Term(
+            "logits",
+            "logits tile (TRL)",
+            fused_logits_bytes(arch, s, response_tokens, grad),
+            f"{min(response_tokens, TRL_TOKEN_TILE)} tokens x {TRL_VOCAB_TILE} vocab x {s.act} B",
+        )
+    chunk = min(s.logits_chunk, response_tokens)
+    per_vocab = logits_bytes_per_vocab(s, grad=grad)
+    return Term(
+        "logits",
+        "logits chunk",
+        chunk * arch.vocab_size * per_vocab,
+        f"{chunk} tokens x vocab x {per_vocab} B",
+    )
 
 
 def _saved_activations(arch: Architecture, s: Settings, tokens: int, graphs: int) -> Term:

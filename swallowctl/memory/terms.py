@@ -78,6 +78,14 @@ LOGITS_TOP_P_EXTRA = 4 + 4 + INT64 + 4 + 4 + 2 * BOOL + 4
 SAMPLING_BYTES = 4 + 4 + (4 + INT64 + 4 + 4 + 2 * BOOL) + 4
 SAMPLING_BYTES_NO_TOP_P = 4 + 4 + 4
 
+# TRL's fused LM head (GRPO / RLOO; trl/trainer/utils.py `add_fused_lm_head`, trl/kernels/
+# chunked_logprob.py): log-probs come from [TOKEN_CHUNK_SIZE = 4096 tokens x 32768 vocab] tiles of
+# the projection in the compute dtype, folded into running statistics by a Triton kernel on CUDA
+# (only the completion positions); backward recomputes each tile and accumulates an fp32 grad of
+# the hidden states. No logits chunk of the whole vocabulary is ever held.
+TRL_TOKEN_TILE = 4096
+TRL_VOCAB_TILE = 32768
+
 # The CUDA context outside PyTorch's allocator: PyTorch PR #86509 (lazy module loading, on by
 # default since 1.13) measured a bare context at 287 MB vs 667 MB eager; kernels of torch and
 # bitsandbytes loaded on first use and cuBLAS workspaces add to it: 512 MiB.
@@ -117,6 +125,11 @@ class Settings:
 
     The rollout is generated and scored `rollout_batch` sequences at a time. `upcast`: the
     trainer runs peft's prepare_model_for_kbit_training (fp32 non-4-bit weights and activations).
+
+    `algorithm` grpo / rloo (TRL's trainers): no value head; `rollout_batch` is the whole local
+    generation batch, `num_generations` answers to each of its prompts, generated in one call;
+    scoring runs `micro_batch` sequences at a time; log-probs through TRL's fused LM head; the
+    LoRA weights, grads and AdamW states are bf16 on a 4-bit base (`lora_bytes`: TRL casts them).
     """
 
     micro_batch: int = 4
@@ -139,6 +152,14 @@ class Settings:
     upcast: bool = True
     reward_models: tuple[RewardModel, ...] = ()
     logits_bytes: int | None = None  # per vocab entry of a chunk token: another framework's loss
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    num_generations: int = 1  # answers per prompt inside the rollout batch (grpo / rloo)
+    lora_bytes: int = FP32  # per LoRA weight, grad and AdamW state
+
+    @property
+    def critic_free(self) -> bool:
+        """GRPO / RLOO through TRL: no value model, groups of answers per prompt."""
+        return self.algorithm != "ppo"
 
     @property
     def seq_tokens(self) -> int:
@@ -371,6 +392,13 @@ def logits_bytes_per_vocab(s: Settings, grad: bool) -> int:
         return s.logits_bytes
     base = LOGITS_PLAIN_GRAD if grad else LOGITS_PLAIN_NOGRAD
     return base + (LOGITS_TOP_P_EXTRA if s.top_p else 0)
+
+
+def fused_logits_bytes(arch: Architecture, s: Settings, tokens: int, grad: bool) -> int:
+    """TRL's fused LM head over `tokens` completion positions (see TRL_TOKEN_TILE): one tile of
+    the projection in the stream's dtype, plus in backward the fp32 grad of the hidden states."""
+    tile = min(tokens, TRL_TOKEN_TILE) * min(arch.vocab_size, TRL_VOCAB_TILE) * s.act
+    return tile + (tokens * arch.hidden_size * FP32 if grad else 0)
 
 
 def mask_bytes(batch: int, q_len: int, kv_len: int, s: Settings) -> int:

@@ -11,6 +11,10 @@ double grad_accum_steps, so their product, the effective batch, stays what the u
 Candidates are tried fastest first (micro-batch, then rollout batch, then checkpointing off, then
 chunk size, each largest first) and the first that fits wins. More memory can only let an earlier
 candidate fit, so the suggested micro-batch never shrinks as the budget grows.
+
+GRPO / RLOO (TRL) generate a whole update at once: their rollout batch is the samples per update
+(prompts x num_generations) whatever the micro-batch, so it is not a knob there; the other knobs
+are the same.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from swallowctl.core.config import SwallowConfig
 from swallowctl.core.errors import SwallowError, UsageError
 from swallowctl.core.models import Architecture, ResolvedModel, resolve
 from swallowctl.memory.phases import Estimate, estimate
-from swallowctl.memory.terms import GIB, REWARD_BATCH, RewardModel, Settings
+from swallowctl.memory.terms import BF16, FP32, GIB, REWARD_BATCH, RewardModel, Settings
 
 log = logging.getLogger(__name__)
 
@@ -149,23 +153,35 @@ def settings_from_config(
     on there)."""
     p, lora = cfg.ppo, cfg.lora
     targets = lora.target_modules
+    critic_free = p.algorithm != "ppo"
+    quantized = cfg.quantization.load_in_4bit is not False
+    # TRL generates the local generation batch (every answer of its prompts) in one call.
+    generation_batch = p.per_device_train_batch_size * p.grad_accum_steps * p.num_mini_batches
     return Settings(
         micro_batch=p.per_device_train_batch_size,
         grad_accum=p.grad_accum_steps,
-        rollout_batch=p.local_rollout_forward_batch_size or p.per_device_train_batch_size,
+        rollout_batch=generation_batch
+        if critic_free
+        else p.local_rollout_forward_batch_size or p.per_device_train_batch_size,
         prompt_tokens=cfg.data.max_prompt_tokens,
         response_tokens=cfg.generation.max_new_tokens,
         lora_r=lora.r,
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=lora.dropout > 0,
         critic_adapter=lora.critic == "adapter",
-        reference_adapter=lora.init_adapter is not None,
+        # TRL copies a starting adapter as the reference only when the KL term is on.
+        reference_adapter=lora.init_adapter is not None and not (critic_free and p.kl_coef == 0),
+        value_head=not critic_free,
         gradient_checkpointing=p.gradient_checkpointing,
         logits_chunk=p.logits_chunk_size,
         quantized=cfg.quantization.load_in_4bit is not False,
         double_quant=cfg.quantization.double_quant,
         top_p=cfg.generation.top_p < 1,
         reward_models=reward_models,
+        algorithm=p.algorithm,
+        num_generations=p.num_generations if critic_free else 1,
+        # TRL casts a QLoRA adapter to bf16 (its GRPOTrainer / RLOOTrainer __init__).
+        lora_bytes=BF16 if critic_free and quantized else FP32,
     )
 
 
@@ -268,7 +284,9 @@ def candidates(current: Settings, rollout_set: bool = True) -> Iterator[Settings
     effective = current.micro_batch * current.grad_accum
     for m in micro_batches(current.micro_batch, current.grad_accum):
         rollout_start = current.rollout_batch if rollout_set else m
-        for f in _halvings(rollout_start):
+        # GRPO / RLOO: the rollout is the whole generation batch, fixed by the samples per update.
+        rollouts = [current.rollout_batch] if current.critic_free else _halvings(rollout_start)
+        for f in rollouts:
             for gc in (False, True):
                 for chunk in _halvings(current.logits_chunk, MIN_LOGITS_CHUNK):
                     yield current.but(
@@ -304,7 +322,7 @@ def changes(current: Settings, new: Settings, rollout_set: bool) -> dict[str, An
             out[key] = value
     # Unset, the rollout batch follows the micro-batch: write it only where it differs.
     rollout_now = current.rollout_batch if rollout_set else new.micro_batch
-    if new.rollout_batch != rollout_now:
+    if new.rollout_batch != rollout_now and not new.critic_free:
         out["ppo.local_rollout_forward_batch_size"] = new.rollout_batch
     return {k: out[k] for k in KNOB_KEYS if k in out}
 
