@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from swallowctl.cli import app
@@ -147,6 +149,10 @@ def test_settings_of_one_algorithm_are_validated_with_key_and_line(tmp_path: Pat
     assert "ppo.num_generations: 8 is not used by algorithm ppo" in warning
     with pytest.raises(ConfigError, match=r"ppo.entropy_coef: not available with algorithm rloo"):
         load_config(None, ("ppo.algorithm=rloo", "ppo.entropy_coef=0.01"))
+    with pytest.raises(ConfigError, match="environments run with algorithm: ppo only"):
+        load_config(None, ("ppo.algorithm=grpo", "environment.entrypoint=my_env:Env"))
+    with pytest.raises(ConfigError, match=r"lora\.critic: grpo has no critic"):
+        load_config(None, ("ppo.algorithm=grpo", "lora.critic=adapter"))
     # ppo.trl_args: real fields of this TRL's config class, and none that our keys set.
     cfg = load_config(None, ("ppo.algorithm=grpo", "ppo.trl_args={learning_rate: 1.0}")).config
     with pytest.raises(ConfigError, match=r"trl_args.learning_rate: swallowctl sets .* ppo.lr"):
@@ -161,7 +167,9 @@ def test_settings_of_one_algorithm_are_validated_with_key_and_line(tmp_path: Pat
 
 
 def test_sigint_checkpoint_resume_final_and_infer(tmp_path: Path) -> None:
-    more = ("ppo.algorithm=grpo", "ppo.total_updates=3", "output.save_steps=2")
+    # Two passes per update: TRL's optimizer steps 2, 4, 6 are our updates 1, 2, 3.
+    more = ("ppo.algorithm=grpo", "ppo.ppo_epochs=2", "ppo.total_updates=3", "output.save_steps=2")
+    straight = CriticFreeTrainer(config(tmp_path / "straight", *more)).run()
     cfg = config(tmp_path, *more)
     run = tmp_path / "run"
 
@@ -174,7 +182,7 @@ def test_sigint_checkpoint_resume_final_and_infer(tmp_path: Path) -> None:
     assert e.value.exit_code == 130 and "--resume" in (e.value.hint or "")
     assert (run / "checkpoint-1" / "COMPLETE").is_file()
     info = json.loads((run / "checkpoint-1" / RUN_INFO).read_text())
-    assert info == {"algorithm": "grpo", "update": 1, "trl_step": 1}
+    assert info == {"algorithm": "grpo", "update": 1, "trl_step": 2}
     assert not (run / "final").exists() and not (run / ".trl").exists()
     # Neither a fresh run, nor another algorithm, may continue in this directory.
     with pytest.raises(UsageError, match="already holds a run"):
@@ -199,6 +207,11 @@ def test_sigint_checkpoint_resume_final_and_infer(tmp_path: Path) -> None:
     assert manifest["algorithm"] == "grpo" and manifest["updates"] == 3
     assert manifest["base_model"]["name"] == "builtin:tiny-ja"
     assert not (run / "final" / "value_head.safetensors").exists()
+    # Resumed, the run is the run that never stopped (seed 42: the same adapter to the bit).
+    resumed = load_file(run / "final" / "adapter_model.safetensors")
+    whole = load_file(straight.final_dir / "adapter_model.safetensors")
+    assert resumed.keys() == whole.keys()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
