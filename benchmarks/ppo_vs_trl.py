@@ -1,6 +1,6 @@
 """swallowctl's PPO against TRL 1.12's `trl.experimental.ppo`, same work, same CPU, one run.
 
-    .venv/bin/python benchmarks/ppo_vs_trl.py                  # defaults below, a few minutes
+    .venv/bin/python benchmarks/ppo_vs_trl.py                  # about a minute on 2 idle cores
     .venv/bin/python benchmarks/ppo_vs_trl.py --updates 20 --batch 16 --response-length 32
     .venv/bin/python benchmarks/ppo_vs_trl.py --repeat 2 --wait-quiet 900   # a shared machine
     .venv/bin/python benchmarks/ppo_vs_trl.py --trl-venv ~/trl112 --keep   # keep logs and runs
@@ -371,6 +371,8 @@ def run_child(
 ) -> None:
     """Run one child, wait for it alone (os.wait4: its own rusage), read its JSON report."""
     report = Path(cmd[-1])
+    if quiet_s > 0:
+        print(f"  waiting up to {quiet_s:.0f}s for the machine to go idle ...", flush=True)
     side.quiet = wait_quiet(quiet_s)
     busy0, start = _busy_cpu_s(), time.monotonic()
     with log.open("wb") as out:
@@ -378,16 +380,21 @@ def run_child(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
         )
         deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(proc.pid, 0)
-                side.error = f"killed after the {timeout:.0f}s timeout"
-                break
-            time.sleep(0.1)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                    side.error = f"killed after the {timeout:.0f}s timeout"
+                    break
+                time.sleep(0.1)
+        except BaseException:  # Ctrl-C / SIGTERM here: take the child (its own session) along
+            os.killpg(proc.pid, signal.SIGKILL)
+            os.wait4(proc.pid, 0)
+            raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from waiting again
     side.wall_s = time.monotonic() - start
     busy1 = _busy_cpu_s()
@@ -404,6 +411,16 @@ def run_child(
             side.report = json.loads(report.read_text())
         except (OSError, ValueError) as e:
             side.error = f"no report ({e}):\n{_tail(log.read_text(errors='replace'))}"
+    if side.ok:
+        r = side.report
+        print(
+            f"  {side.name}: loop {r['loop_s']:.2f}s, {len(r['update_end_s'])} updates, "
+            f"peak RSS {(side.peak_rss or 0) / MIB:.1f} MiB, "
+            f"other processes {_fmt(side.others_cores)} cores",
+            flush=True,
+        )
+    else:
+        print(f"  {side.name}: failed", flush=True)
 
 
 def _busy_cpu_s() -> float | None:
@@ -471,6 +488,7 @@ def ours_overrides(s: Settings, prompts_file: Path, reward_dir: Path) -> list[st
         f"lora.alpha={s.lora_alpha}",
         "lora.dropout=0.0",
         "lora.target_modules=all-linear",
+        "ppo.algorithm=ppo",
         f"ppo.lr={s.lr}",
         "ppo.lr_scheduler_type=linear",
         "ppo.warmup_ratio=0.0",
@@ -633,6 +651,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the running child is killed and the temp dir removed.
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     s = Settings(
         prompts=a.prompts,
         batch=a.batch,
