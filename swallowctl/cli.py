@@ -266,8 +266,8 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
-    from swallowctl.ppo import critic_free
-    from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
+    from swallowctl.ppo import critic_free, trainer_class
+    from swallowctl.ppo.trainer import check_inputs, make_plan
 
     _start(verbose, quiet)
     cfg = _load(config, set_).config
@@ -284,9 +284,8 @@ def train(
         return
     if resume:
         critic_free.check_run_algorithm(cfg)  # a run of another algorithm cannot continue
-    trainer_class = PPOTrainer if ppo else critic_free.CriticFreeTrainer
     with console.update_progress(plan.sizes.total_updates) as on_update:
-        result = trainer_class(cfg, resume=resume, on_update=on_update).run()
+        result = trainer_class(cfg)(cfg, resume=resume, on_update=on_update).run()
     console.print_text(f"adapter: {result.final_dir}")
     if result.stopped_early:
         console.warn(f"stopped early: {result.stopped_early}")
