@@ -516,7 +516,12 @@ class PPOTrainer:
         """
         import torch
 
-        from swallowctl.ppo.environment import collect, env_metrics, render_observation
+        from swallowctl.ppo.environment import (
+            collect,
+            env_metrics,
+            plain_info,
+            render_observation,
+        )
         from swallowctl.ppo.rewards import parse_choice
 
         pool, mode = self.env_pool, self.mode
@@ -590,7 +595,7 @@ class PPOTrainer:
                     "episode": o.episode,
                     "step": o.step,
                     "done": o.done,
-                    "info": _plain(o.info),
+                    "info": plain_info(o.info),
                 }
                 for i, (r, t, s, k, o) in enumerate(
                     zip(rows, texts, scores.tolist(), keys, outcomes, strict=True)
@@ -990,17 +995,6 @@ def _prompt_text(row: Any) -> str:
 
 def _float(v: Any) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
-
-
-def _plain(info: dict[str, Any]) -> dict[str, Any]:
-    """An environment's `info` as valid JSON for samples.jsonl: finite numbers, str, bool."""
-    out: dict[str, Any] = {}
-    for k, v in info.items():
-        if isinstance(v, bool | str) or v is None:
-            out[k] = v
-        elif isinstance(v, int | float):
-            out[k] = float(v) if math.isfinite(v) else None
-    return out
 
 
 def _jsonable_random_state() -> list[Any]:
