@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import socket
+import subprocess
+import sys
 import zlib
 from collections import defaultdict
 from pathlib import Path
@@ -348,3 +352,45 @@ def test_tallies_of_two_processes_merge_to_the_metrics_of_all_their_steps() -> N
         k for k in t0 if k.startswith("choice/")
     }
     assert math.isnan(finish_tally(empty)["choice/accuracy"])
+
+
+WORKER = """
+import json, os, sys
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+from accelerate import PartialState
+from swallowctl.ppo.environment import reduce_tally
+state = PartialState(cpu=True)
+tally = json.load(open(os.path.join(out, f"tally{rank}.json")))
+tally = {k: tuple(v) for k, v in tally.items()}
+metrics = reduce_tally(tally, state.num_processes)
+json.dump(metrics, open(os.path.join(out, f"metrics{rank}.json"), "w"))
+"""
+
+
+def test_two_gloo_processes_with_different_keys_log_the_same_metrics(tmp_path: Path) -> None:
+    """A real 2-process gather (accelerate on gloo, as multi-process CPU training runs it)."""
+    rank0 = [outcome(1.0, {"x": 2, "correct": "left"}, (3.0, 2))]
+    rank1 = [outcome(None, {}), outcome(0.0, {"y": 1, "correct": "right"}, (0.5, 5))]
+    tallies = [env_tally(rank0, ["a"], MODE, graded=True), env_tally(rank1, ["zz", "b"], MODE)]
+    for rank, t in enumerate(tallies):
+        (tmp_path / f"tally{rank}.json").write_text(json.dumps(t))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path)], env=env)
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    m0, m1 = (json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in range(2))
+    assert m0 == m1
+    whole = env_metrics(rank0 + rank1, ["a", "zz", "b"], MODE, graded=True)
+    assert set(m0) == set(whole)
+    for k, v in whole.items():
+        if k != "env/step_s":
+            assert m0[k] == pytest.approx(v, nan_ok=True), k

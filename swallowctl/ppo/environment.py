@@ -763,6 +763,20 @@ def finish_tally(tally: Tally) -> dict[str, float]:
     }
 
 
+def reduce_tally(tally: Tally, num_processes: int) -> dict[str, float]:
+    """The metrics of every process's tally together, the same on each process.
+
+    A collective (accelerate's `gather_object`) when `num_processes > 1`: every process must
+    call it at the same point. Tallies are added before taking means, so a key one process has
+    not seen (an info key, no finished episode) cannot unbalance a later mean all-reduce.
+    """
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        tally = merge_tallies(gather_object([tally]))
+    return finish_tally(tally)
+
+
 def choice_tally(
     texts: Sequence[str],
     mode: ModeSpec,

@@ -732,18 +732,10 @@ class PPOTrainer:
         return out
 
     def _merged(self, tally: Any) -> dict[str, float]:
-        """Environment metrics over every process: the same keys and values on each of them.
+        """Environment metrics over every process: the same keys and values on each of them."""
+        from swallowctl.ppo.environment import reduce_tally
 
-        Tallies (sum, count) are gathered and added before taking means, so a key one process
-        has not seen (an info key, no finished episode) cannot unbalance `_reduce`.
-        """
-        from swallowctl.ppo.environment import finish_tally, merge_tallies
-
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            tally = merge_tallies(gather_object([tally]))
-        return finish_tally(tally)
+        return reduce_tally(tally, self.accelerator.num_processes)
 
     def _keep_best(self, update: int, metrics: dict[str, float]) -> None:
         """`best/`: the adapter with the highest `output.best_metric` seen so far."""
