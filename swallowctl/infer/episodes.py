@@ -198,14 +198,28 @@ class _Player:
             value, seconds = call(r.env, "step", (answer, label, obs.state), self.policy, where)
             result = check_step_result(value, where)
             env_reward, done, info = result.reward, result.done, result.info
-        reward = (env_reward or 0.0) + penalty
         return EpisodeStep(
-            r.index, r.seed, r.step, messages, obs.state, answer, key, label, env_reward,
-            reward, done, info, seconds,
-        )  # fmt: skip
+            episode=r.index,
+            seed=r.seed,
+            step=r.step,
+            messages=messages,
+            state=obs.state,
+            answer=answer,
+            choice=key,
+            label=label,
+            env_reward=env_reward,
+            reward=(env_reward or 0.0) + penalty,
+            done=done,
+            info=info,
+            seconds=seconds,
+        )
 
     def next_observation(self, r: _Running) -> None:
         r.obs = observe(r.env, self.policy, self.where(r, "observe"))
+
+    def prompt(self, r: _Running) -> list[Message]:
+        assert r.obs is not None, "begin() observes first"
+        return render_observation(r.obs, self.mode, self.where(r, "observe")).messages
 
 
 def _parse(text: str, mode: ModeSpec) -> str | None:
@@ -269,11 +283,7 @@ def play_episodes(
             running = [_Running(env) for env in envs]
             begin(running)
             while running:
-                prompts = [
-                    render_observation(r.obs, mode, player.where(r, "observe")).messages
-                    for r in running
-                    if r.obs is not None
-                ]
+                prompts = [player.prompt(r) for r in running]
                 answers = generate(prompts)
                 steps: list[EpisodeStep] = each(player.step, running, prompts, answers)
                 again, ended = [], []
