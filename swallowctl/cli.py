@@ -440,19 +440,21 @@ def infer(
     if in_env and engine is not None:
         from swallowctl.infer import episodes as play
 
-        report = play.play_backend(
-            engine,
-            settings,
-            cfg,
-            env_class,
-            spec,
-            mode or cfg.data.mode,
-            episodes=episodes or 16,
-            seed=cfg.ppo.seed if seed is None else seed,
-            batch_size=batch_size,
-            max_steps=max_steps,
-            output=output,
-        )
+        with play.episode_progress(episodes or 16) as on_step:
+            report = play.play_backend(
+                engine,
+                settings,
+                cfg,
+                env_class,
+                spec,
+                mode or cfg.data.mode,
+                episodes=episodes or 16,
+                seed=cfg.ppo.seed if seed is None else seed,
+                batch_size=batch_size,
+                max_steps=max_steps,
+                output=output,
+                on_step=on_step,
+            )
         if json_:
             data = report.to_json()
             data.update(backend=engine.name, model=engine.model_name, output=output)

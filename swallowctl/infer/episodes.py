@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from swallowctl.core import console
 from swallowctl.core.errors import UsageError
 from swallowctl.core.modes import ModeSpec
 from swallowctl.infer import GenerationSettings, InferenceBackend, Message
@@ -332,17 +335,24 @@ def play_backend(
     batch_size: int = 8,
     max_steps: int = 100,
     output: Path | None = None,
+    on_step: Callable[[EpisodeStep], None] | None = None,
 ) -> EpisodesReport:
     """`infer --env`: episodes 0..N-1 with a backend's answers (batches of `batch_size`), the
     config's environment settings, sections, timeouts and retries (as in training), and every
-    step written to `output` when given."""
+    step written to `output` when given (and handed to `on_step`)."""
     section = cfg.environment
     policy = CallPolicy(section.timeout_s, section.retries) if section else CallPolicy()
 
     def generate(conversations: list[list[Message]]) -> list[str]:
         return [c.text for c in backend.generate_batch(conversations, settings)]
 
-    with step_writer(output) if output else contextlib.nullcontext() as on_step:
+    with step_writer(output) if output else contextlib.nullcontext() as write:
+
+        def seen(step: EpisodeStep) -> None:
+            for fn in (write, on_step):
+                if fn is not None:
+                    fn(step)
+
         return play_episodes(
             cls,
             section.settings if section else {},
@@ -356,7 +366,7 @@ def play_backend(
             parallel=batch_size,
             concurrency=section.concurrency if section else 8,
             max_steps=max_steps,
-            on_step=on_step,
+            on_step=seen,
         )
 
 
@@ -385,6 +395,29 @@ def step_writer(path: Path) -> Iterator[Callable[[EpisodeStep], None]]:
         yield write
 
 
+@contextlib.contextmanager
+def episode_progress(total: int) -> Iterator[Callable[[EpisodeStep], None]]:
+    """Episodes and steps done on stderr; yields an `on_step` for `play_backend`."""
+    bar = Progress(
+        TextColumn("episodes {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[steps]} steps"),
+        TimeElapsedColumn(),
+        console=console.err,
+        disable=console.state.quiet,
+    )
+    task = bar.add_task("episodes", total=total, steps=0)
+    steps = 0
+
+    def on_step(step: EpisodeStep) -> None:
+        nonlocal steps
+        steps += 1
+        bar.update(task, advance=step.end is not None, steps=steps)
+
+    with bar:
+        yield on_step
+
+
 def render_summary(report: EpisodesReport) -> list[str]:
     """The headline numbers as text lines (the CLI prints them, then the per-episode table)."""
     d = report.to_json()
@@ -401,7 +434,12 @@ def render_summary(report: EpisodesReport) -> list[str]:
     if d["choices"]:
         shares = ", ".join(f"{k} {f(v)}" for k, v in d["choices"].items())
         lines.append(f"choices (share of steps): {shares}; {d['output_errors']} output error(s)")
-        lines.append(f"accuracy (info['correct']): {f(d['accuracy'])}")
+        why = (
+            " (no answer was a choice, so the environment graded none)"
+            if d["accuracy"] is None and d["output_errors"] == d["steps"]
+            else ""
+        )
+        lines.append(f"accuracy (info['correct']): {f(d['accuracy'])}{why}")
     if d["info"]:
         lines.append("info (means): " + ", ".join(f"{k} {f(v)}" for k, v in d["info"].items()))
     return lines
