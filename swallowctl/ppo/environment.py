@@ -40,7 +40,8 @@ its own slot's observation and stepped exactly once, with that observation's `st
 submitted as soon as their chunk of completions is generated and run in a thread pool
 (`concurrency`) while the trainer computes log-probs; the next observation of each slot (reset
 first when the episode ended) is fetched in the background during the PPO update. A slot never
-has two calls in flight.
+has two calls in flight. Greedy evaluation episodes (`ppo.enable_deterministic_eval`, and
+`swallowctl infer --env`) run in instances of their own: see `swallowctl.infer.episodes`.
 
 Failures: each call has `timeout_s`. An exception is retried `retries` times (same arguments):
 `step` must leave the environment unchanged when it raises, or use `retries: 0`. A call that times
