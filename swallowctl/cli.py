@@ -315,6 +315,8 @@ INFER_EXAMPLES = """Examples:
   swallowctl infer --backend mlx --prompt 'こんにちは'
 
   swallowctl infer --mode intervention --input obs.jsonl --output answers.jsonl
+
+  swallowctl infer -c examples/intervention.yaml --adapter runs/intervention/final --episodes 32
 """
 
 
@@ -360,25 +362,46 @@ def infer(
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same answer.")] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="--input rows per generate call (torch).")
+        int,
+        typer.Option(
+            "--batch-size", help="--input rows (or --env episodes) per generate call (torch)."
+        ),
     ] = 8,
     limit: Annotated[
         int | None, typer.Option(help="Answer at most N new --input rows, then stop.")
     ] = None,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            help="Play episodes in this environment (module:Class; default with --episodes: "
+            "environment.entrypoint).",
+        ),
+    ] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option("--episodes", min=1, help="Episodes to play in the environment (16)."),
+    ] = None,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", min=1, help="End an --env episode after N steps.")
+    ] = 100,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Chat, answer one prompt, or run a JSONL batch (--backend torch|mlx).
+    """Chat, answer one prompt, run a JSONL batch, or play episodes (--backend torch|mlx).
 
     MLX is inference only (Apple Silicon; Linux runs it on the CPU). Modes with choices, such as
-    intervention, answer greedily and print the chosen label (exit 1 when none parses).
+    intervention, answer greedily and print the chosen label (exit 1 when none parses). --env /
+    --episodes play whole episodes greedily inside an environment and report returns, lengths,
+    choices, output errors and accuracy; --output FILE.jsonl keeps every step.
     """
     from swallowctl.infer import batch, choose_model, open_backend, read_adapter, session
 
     _start(verbose, quiet)
+    in_env = env is not None or episodes is not None
     session.check_flags(
         prompt=prompt,
         input_path=input_,
@@ -386,18 +409,26 @@ def infer(
         json_=json_,
         batch_size=batch_size,
         limit=limit,
+        env=in_env,
     )
     cfg = _load(config, set_).config
     spec = session.resolve_mode(cfg, mode, system)
+    sampling_asked = temperature is not None or top_p is not None
     settings = session.resolve_settings(
         cfg,
         spec,
         temperature=temperature,
         top_p=top_p,
         max_new_tokens=max_new_tokens,
-        greedy=greedy,
+        greedy=greedy or (in_env and not sampling_asked),  # an evaluation is greedy by default
         seed=seed,
     )
+    if in_env:
+        env_class = _environment_class(env, cfg)
+        if output is not None:
+            from swallowctl.infer.episodes import check_steps_path
+
+            check_steps_path(output)
     # Everything that can be wrong with the input is found before a model loads.
     plan = batch.plan_batch(input_, output, spec) if input_ and output else None
     messages = session.messages_for(prompt, spec) if prompt is not None else None
@@ -405,7 +436,37 @@ def infer(
     resolved, load_id = choose_model(model, info, cfg, backend=backend.value)
     done = plan is not None and not plan.todo  # a finished batch: no model to load
     engine = None if done else open_backend(backend.value, resolved, load_id, cfg, info)
-    if plan is not None:
+    if in_env and engine is not None:
+        from swallowctl.infer import episodes as play
+
+        with play.episode_progress(episodes or 16) as on_step:
+            report = play.play_backend(
+                engine,
+                settings,
+                cfg,
+                env_class,
+                spec,
+                mode or cfg.data.mode,
+                episodes=episodes or 16,
+                seed=cfg.ppo.seed if seed is None else seed,
+                batch_size=batch_size,
+                max_steps=max_steps,
+                output=output,
+                on_step=on_step,
+            )
+        if json_:
+            data = report.to_json()
+            data.update(backend=engine.name, model=engine.model_name, output=output)
+            console.print_json({**data, "adapter": str(info.path) if info else None})
+        else:
+            for line in play.render_summary(report):
+                console.print_text(line)
+            rows = [(e.index, e.seed, f"{e.ret:+.3f}", e.length, e.end) for e in report.episodes]
+            columns = ("episode", "seed", "return", "steps", "end")
+            console.out.print(console.table(None, columns, rows))
+            if output:
+                console.info(f"every step is in {output}")
+    elif plan is not None:
         todo = len(plan.todo[:limit] if limit else plan.todo)
         try:
             with batch.batch_progress(todo) as on_rows:
@@ -440,6 +501,19 @@ def infer(
             raise typer.Exit(1)
     elif engine is not None:
         session.ChatRepl(engine, spec, settings).run()
+
+
+def _environment_class(entrypoint: str | None, cfg: Any) -> type:
+    """`--env`, else the config's environment.entrypoint, imported and checked."""
+    from swallowctl.ppo.environment import load_environment_class
+
+    spec = entrypoint or (cfg.environment.entrypoint if cfg.environment else None)
+    if not spec:
+        raise UsageError(
+            "--episodes: which environment? Give --env package.module:Class",
+            hint="or a --config with environment.entrypoint",
+        )
+    return load_environment_class(spec, where="--env" if entrypoint else "environment.entrypoint")
 
 
 class ExportFormat(StrEnum):

@@ -281,11 +281,7 @@ class PPOTrainer:
             )
         self.eval_rows = []
         self.best_value = -math.inf
-        if cfg.ppo.enable_deterministic_eval:
-            log.warning(
-                "ppo.enable_deterministic_eval: greedy evaluation inside an environment is not "
-                "built yet; no eval/* metrics in this run"
-            )
+        self.env_class = load_environment_class(env.entrypoint)
         self.rewards = (
             RewardSet.from_config(
                 cfg.rewards,
@@ -299,7 +295,7 @@ class PPOTrainer:
             else None
         )
         self.env_pool = EnvPool(
-            load_environment_class(env.entrypoint),
+            self.env_class,
             env.settings,
             cfg.user_sections,
             num_envs=env.num_envs or per_process,
@@ -516,7 +512,12 @@ class PPOTrainer:
         """
         import torch
 
-        from swallowctl.ppo.environment import collect, env_metrics, render_observation
+        from swallowctl.ppo.environment import (
+            collect,
+            env_tally,
+            plain_info,
+            render_observation,
+        )
         from swallowctl.ppo.rewards import parse_choice
 
         pool, mode = self.env_pool, self.mode
@@ -567,7 +568,7 @@ class PPOTrainer:
             components.update(extra[1])
         elif self.cfg.ppo.missing_eos_penalty is not None:
             scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
-        metrics = env_metrics(outcomes, texts, mode, graded=pool.reports_correct)
+        metrics = self._merged(env_tally(outcomes, texts, mode, graded=pool.reports_correct))
         metrics["env/observe_wait_s"] = t_observed - t0
         metrics["env/step_wait_s"] = t_done - t_waiting
         return {
@@ -590,7 +591,7 @@ class PPOTrainer:
                     "episode": o.episode,
                     "step": o.step,
                     "done": o.done,
-                    "info": _plain(o.info),
+                    "info": plain_info(o.info),
                 }
                 for i, (r, t, s, k, o) in enumerate(
                     zip(rows, texts, scores.tolist(), keys, outcomes, strict=True)
@@ -652,19 +653,16 @@ class PPOTrainer:
 
     def _eval_due(self, update: int) -> bool:
         p = self.cfg.ppo
-        if self.env_pool is not None:
-            return False  # greedy evaluation in an environment: not built yet (warned at start)
         return p.enable_deterministic_eval and update % p.deterministic_eval_frequency == 0
 
-    def _evaluate(self) -> dict[str, float]:
-        """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
+    def _greedy(self, conversations: list[list[dict[str, str]]]) -> Any:
+        """Greedy answers, `per_device_eval_batch_size` prompts per generate call."""
         from swallowctl.ppo import rollout
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.eval()
-        rows = self.eval_rows
         prompts = rollout.encode_prompts(
-            self.tokenizer, [r.messages for r in rows], self.cfg.data.max_prompt_tokens
+            self.tokenizer, conversations, self.cfg.data.max_prompt_tokens
         )
         size = self.cfg.ppo.per_device_eval_batch_size
         pieces = []
@@ -681,7 +679,14 @@ class PPOTrainer:
                     greedy=True,
                 )
             )
-        batch = rollout.concat(pieces, self.pad_id)
+        return rollout.concat(pieces, self.pad_id)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
+        if self.env_pool is not None:
+            return self._env_evaluate()
+        rows = self.eval_rows
+        batch = self._greedy([r.messages for r in rows])
         texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
         scores, components = self._rewards(rows, batch, texts)
         out = {"eval/score": float(scores.mean())}
@@ -689,6 +694,48 @@ class PPOTrainer:
             finite = [v for v in values if v is not None and math.isfinite(v)]
             out[f"eval/{label}"] = sum(finite) / len(finite) if finite else float("nan")
         return out
+
+    def _env_evaluate(self) -> dict[str, float]:
+        """Greedy episodes in fresh environments, the same seeds every time: `eval/*` metrics.
+
+        `per_device_eval_batch_size` episodes per process, played side by side (process r plays
+        episodes r, r + P, ...); the training pool is not touched. `eval/score` is the mean
+        episode return, so `output.best_metric`'s default keeps the best adapter here too.
+        """
+        from swallowctl.infer.episodes import play_episodes
+        from swallowctl.ppo.environment import CallPolicy
+
+        cfg, env, acc = self.cfg, self.cfg.environment, self.accelerator
+        assert env is not None
+        size = cfg.ppo.per_device_eval_batch_size
+        world, rank = acc.num_processes, acc.process_index
+
+        def generate(conversations: list[list[dict[str, str]]]) -> list[str]:
+            batch = self._greedy(conversations)
+            return list(self.tokenizer.batch_decode(batch.response, skip_special_tokens=True))
+
+        report = play_episodes(
+            self.env_class,
+            env.settings,
+            cfg.user_sections,
+            self.mode,
+            generate,
+            episodes=range(rank, size * world, world),
+            seed=cfg.ppo.seed,
+            mode_name=cfg.data.mode,
+            policy=CallPolicy(timeout_s=env.timeout_s, retries=env.retries),
+            parallel=size,
+            concurrency=env.concurrency,
+        )
+        out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(report.tally).items()}
+        out["eval/score"] = out["eval/episode_return"]
+        return out
+
+    def _merged(self, tally: Any) -> dict[str, float]:
+        """Environment metrics over every process: the same keys and values on each of them."""
+        from swallowctl.ppo.environment import reduce_tally
+
+        return reduce_tally(tally, self.accelerator.num_processes)
 
     def _keep_best(self, update: int, metrics: dict[str, float]) -> None:
         """`best/`: the adapter with the highest `output.best_metric` seen so far."""
@@ -990,17 +1037,6 @@ def _prompt_text(row: Any) -> str:
 
 def _float(v: Any) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
-
-
-def _plain(info: dict[str, Any]) -> dict[str, Any]:
-    """An environment's `info` as valid JSON for samples.jsonl: finite numbers, str, bool."""
-    out: dict[str, Any] = {}
-    for k, v in info.items():
-        if isinstance(v, bool | str) or v is None:
-            out[k] = v
-        elif isinstance(v, int | float):
-            out[k] = float(v) if math.isfinite(v) else None
-    return out
 
 
 def _jsonable_random_state() -> list[Any]:
