@@ -55,15 +55,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import importlib
 import inspect
 import json
 import logging
 import math
-import os
 import random
-import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -72,6 +68,7 @@ from typing import Any, Protocol, TypeVar
 
 from swallowctl.core.errors import ConfigError, DataError, RuntimeFailure, SwallowError
 from swallowctl.core.modes import ModeSpec
+from swallowctl.core.userimport import import_attr
 from swallowctl.ppo.data import PromptRow, check_row, render_messages
 
 log = logging.getLogger(__name__)
@@ -165,8 +162,6 @@ def intervention_fields(
 
 # --- loading -------------------------------------------------------------------------------------
 
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
 
 def load_environment_class(spec: str, *, where: str = "environment.entrypoint") -> type:
     """Import `package.module:Class` (only that module) and check it has reset/observe/step.
@@ -178,38 +173,9 @@ def load_environment_class(spec: str, *, where: str = "environment.entrypoint") 
         ConfigError: a malformed spec, a module that cannot be imported, a missing attribute, or
             something that is not a class with the three methods.
     """
-    spec = spec.strip()
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not _DOTTED.match(module_name) or not _DOTTED.match(attr):
-        raise ConfigError(
-            f"{where}: '{spec}' is not package.module:Class",
-            hint="e.g. examples.intervention_env:InterventionEnv",
-        )
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise ConfigError(
-                f"{where}: cannot import '{module_name}' for '{spec}': no module named '{missing}'",
-                hint="run from the folder holding it, install its package, or set PYTHONPATH",
-            ) from None
-        raise ConfigError(
-            f"{where}: importing '{module_name}' for '{spec}' failed: it needs '{missing}', "
-            "which is not installed"
-        ) from e
-    except Exception as e:
-        raise ConfigError(
-            f"{where}: importing '{module_name}' for '{spec}' failed: {type(e).__name__}: {e}"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: '{module_name}' has no '{attr}' (from '{spec}')")
-        obj = getattr(obj, part)
+    obj = import_attr(
+        spec, where=where, kind="Class", example="examples.intervention_env:InterventionEnv"
+    )
     if not inspect.isclass(obj):
         raise ConfigError(
             f"{where}: '{spec}' is a {type(obj).__name__}, not a class",
