@@ -92,6 +92,10 @@ class Backend(StrEnum):
     mlx = "mlx"
 
 
+class DeepSpeed(StrEnum):
+    zero2 = "zero2"
+
+
 BackendOpt = Annotated[
     Backend, typer.Option("--backend", help="torch (train and infer) or mlx (inference only).")
 ]
@@ -262,32 +266,80 @@ def train(
         bool,
         typer.Option("--dry-run", help="Check config, data and rewards; print the plan; stop."),
     ] = False,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Train data-parallel in N processes (one per GPU), launched through Accelerate.",
+        ),
+    ] = None,
+    accelerate_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--accelerate-config",
+            help="An Accelerate config file (accelerate config) for the launch.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    deepspeed: Annotated[
+        DeepSpeed | None,
+        typer.Option("--deepspeed", help="DeepSpeed ZeRO stage for the launch (needs deepspeed)."),
+    ] = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
+    from swallowctl import launch
     from swallowctl.ppo import critic_free
     from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
 
-    _start(verbose, quiet)
+    rank, world = launch.process_rank()
+    launching = num_processes is not None or accelerate_config is not None or deepspeed is not None
+    if launching and world > 1:
+        raise UsageError(
+            "--num-processes, --accelerate-config and --deepspeed start the processes; "
+            "this one was already started by a launcher",
+            hint="leave them out under accelerate launch, or run swallowctl train without it",
+        )
+    _start(verbose, quiet or rank > 0)  # only the main process talks
+    if rank > 0:
+        console.state.secondary = True
+    launch.check_deepspeed(deepspeed)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
-    plan = make_plan(cfg)
-    for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
-        console.info(line)
-    if ppo:
-        check_inputs(cfg)
-    else:
-        critic_free.check_inputs(cfg)
+    plan = make_plan(cfg, num_processes or world)
+    if not launch.started_by_us():  # else the launching process has said and checked it
+        for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
+            console.info(line)
+        if ppo:
+            check_inputs(cfg)
+        else:
+            critic_free.check_inputs(cfg)
     if dry_run:
         console.print_text("dry run: config, data and rewards are valid; nothing trained")
         return
     if resume:
         critic_free.check_run_algorithm(cfg)  # a run of another algorithm cannot continue
+    if launching:
+        args = ["train", *(["--config", str(config)] if config else [])]
+        args += [a for s in set_ or () for a in ("--set", s)]
+        args += [
+            f for f, on in (("--resume", resume), ("--verbose", verbose), ("--quiet", quiet)) if on
+        ]
+        code = launch.launch(
+            launch.launch_args(
+                num_processes, accelerate_config, deepspeed and deepspeed.value, args
+            ),
+            verbose=verbose,
+        )
+        raise typer.Exit(code)
     trainer_class = PPOTrainer if ppo else critic_free.CriticFreeTrainer
     with console.update_progress(plan.sizes.total_updates) as on_update:
         result = trainer_class(cfg, resume=resume, on_update=on_update).run()
-    console.print_text(f"adapter: {result.final_dir}")
+    if rank == 0:
+        console.print_text(f"adapter: {result.final_dir}")
     if result.stopped_early:
         console.warn(f"stopped early: {result.stopped_early}")
 

@@ -43,6 +43,7 @@ def _debug_env() -> bool:
 class _State:
     verbose: bool = _debug_env()
     quiet: bool = False
+    secondary: bool = False  # a training process other than the main one (rank > 0)
 
 
 state = _State()
@@ -216,6 +217,8 @@ def report_error(e: BaseException) -> int:
     Known errors (SwallowError) are the user's to fix or a clear runtime failure; anything else is
     our bug: one line too, with the traceback only under --verbose / SWALLOWCTL_DEBUG=1.
     """
+    if state.secondary and getattr(e, "reported_by_main", False):
+        return getattr(e, "exit_code", 1)  # every process stopped on it; the main one says why
     if state.verbose:
         err.print("".join(traceback.format_exception(e)), markup=False, highlight=False)
     # Text objects, not markup: messages quote user input, which may contain [brackets].
