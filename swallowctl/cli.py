@@ -296,8 +296,9 @@ def train(
     from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
 
     rank, world = launch.process_rank()
-    launching = num_processes is not None or accelerate_config is not None or deepspeed is not None
-    if launching and world > 1:
+    # One process needs no launcher: it trains here (and a resume check answers at once).
+    launching = (num_processes or 1) > 1 or accelerate_config is not None or deepspeed is not None
+    if (launching or num_processes is not None) and world > 1:
         raise UsageError(
             "--num-processes, --accelerate-config and --deepspeed start the processes; "
             "this one was already started by a launcher",

@@ -158,7 +158,9 @@ class PPOTrainer:
         self.cfg = cfg
         self.on_update = on_update or (lambda _u, _m: None)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.device = str(self.accelerator.device)
+        device = self.accelerator.device
+        # Several CPU processes get `cpu:0`, which safetensors refuses as a device name.
+        self.device = "cpu" if device.type == "cpu" else str(device)
         self.plan = make_plan(cfg, self.accelerator.num_processes)
         self.run_dir = Path(cfg.output.dir)
         self.start_update = 0
