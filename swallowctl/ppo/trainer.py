@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from swallowctl import __version__
 from swallowctl.core.config import BatchSizes, SwallowConfig, dump_config, render_yaml
@@ -193,11 +193,13 @@ class PPOTrainer:
         """Refuse to mix two runs in one directory; find where to resume."""
         found = checkpoint.latest(self.run_dir) if self.run_dir.exists() else None
         if resume and self.accelerator.state.deepspeed_plugin is not None:
-            raise UsageError(
-                "--resume with --deepspeed is not built yet: ZeRO splits the optimizer state "
-                "across processes and checkpoints hold the main process's part only",
-                hint="train without --deepspeed for resumable runs (the adapter of every "
-                "checkpoint-N still works with infer and export)",
+            self._raise(
+                UsageError(
+                    "--resume with --deepspeed is not built yet: ZeRO splits the optimizer state "
+                    "across processes and checkpoints hold the main process's part only",
+                    hint="train without --deepspeed for resumable runs (the adapter of every "
+                    "checkpoint-N still works with infer and export)",
+                )
             )
         if resume:
             if found is None:
@@ -208,9 +210,11 @@ class PPOTrainer:
                 self._check_process_count(found)
             return found
         if found is not None or (self.run_dir / FINAL).exists():
-            raise UsageError(
-                f"{self.run_dir} already holds a run",
-                hint="pass --resume to continue it, or set output.dir to a new directory",
+            self._raise(
+                UsageError(
+                    f"{self.run_dir} already holds a run",
+                    hint="pass --resume to continue it, or set output.dir to a new directory",
+                )
             )
         return None
 
@@ -222,9 +226,11 @@ class PPOTrainer:
         now = self.accelerator.num_processes
         if then != now:
             how = "without --num-processes" if then == 1 else f"with --num-processes {then}"
-            raise UsageError(
-                f"{path} was written by {then} process(es); this run has {now}",
-                hint=f"resume {how}, or start a new run in another output.dir",
+            self._raise(
+                UsageError(
+                    f"{path} was written by {then} process(es); this run has {now}",
+                    hint=f"resume {how}, or start a new run in another output.dir",
+                )
             )
 
     def _seed(self, seed: int) -> None:
@@ -924,7 +930,7 @@ class PPOTrainer:
             error.exit_code = exit_code
         self._raise(error)
 
-    def _raise(self, error: BaseException) -> None:
+    def _raise(self, error: BaseException) -> NoReturn:
         """Raise an error every process raises; only the main one prints it."""
         if not self.accelerator.is_main_process:
             error.reported_by_main = True  # type: ignore[attr-defined]
