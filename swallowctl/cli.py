@@ -304,9 +304,9 @@ def train(
             "this one was already started by a launcher",
             hint="leave them out under accelerate launch, or run swallowctl train without it",
         )
-    _start(verbose, quiet or rank > 0)  # only the main process talks
+    _start(verbose, quiet)
     if rank > 0:
-        console.state.secondary = True
+        console.be_secondary()  # only the main process talks
     launch.check_deepspeed(deepspeed)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,18 +73,21 @@ def launch(args: list[str], *, verbose: bool = False) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if not verbose:
-        for name in ("torch.distributed.elastic", "accelerate"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    if not verbose:  # the launcher's own notices (ports, worker exits): our errors say it
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith(("torch.distributed", "accelerate")):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     parsed = launch_command_parser().parse_args(args)
     # The elastic agent would turn one Ctrl-C into a SIGINT to every worker and a SIGKILL 30 s
     # later, mid-update. Instead each signal goes to every worker once: they agree to stop
     # after the same update and save (a second Ctrl-C stops them at once).
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+    parsed.signals_to_handle = "SIGHUP,SIGQUIT"
     os.environ[_LAUNCHED] = "1"
     old = {s: signal.signal(s, _forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         launch_command(parsed)
+    except subprocess.CalledProcessError as e:  # a config file for one process: a plain child
+        return e.returncode if e.returncode > 0 else 1
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
         log.debug("worker exit codes: %s", codes)

@@ -73,6 +73,12 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
+def be_secondary() -> None:
+    """A training process other than the main one: errors only, and none the main one reports."""
+    state.secondary = state.quiet = True
+    logging.getLogger("swallowctl").setLevel(logging.ERROR)
+
+
 # Libraries that warn about things users cannot act on. bitsandbytes on CPU says it could not
 # fetch an optional kernel from the Hub (`kernels` package): its built-in fallback works, and we
 # would not want code fetched from the Hub at run time anyway.
