@@ -310,7 +310,7 @@ def train(
     launch.check_deepspeed(deepspeed)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
-    plan = make_plan(cfg, num_processes or world)
+    plan = make_plan(cfg, launch.planned_processes(num_processes, accelerate_config) * world)
     if not launch.started_by_us():  # else the launching process has said and checked it
         for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
             console.info(line)

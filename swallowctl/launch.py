@@ -36,6 +36,22 @@ def started_by_us() -> bool:
     return os.environ.get(_LAUNCHED) == "1"
 
 
+def planned_processes(num_processes: int | None, accelerate_config: Path | None) -> int:
+    """How many processes the launch will start (the flag, else the config file's count)."""
+    if num_processes is not None or accelerate_config is None:
+        return num_processes or 1
+    import yaml
+
+    try:
+        data = yaml.safe_load(accelerate_config.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(
+            f"{accelerate_config}: not a readable Accelerate config ({e})",
+            hint="write one with `accelerate config`, or pass --num-processes",
+        ) from None
+    return int(data.get("num_processes", 1)) if isinstance(data, dict) else 1
+
+
 def check_deepspeed(option: str | None) -> None:
     """`--deepspeed zero2` needs the deepspeed package: say so before anything loads."""
     if option is not None and importlib.util.find_spec("deepspeed") is None:
