@@ -312,7 +312,7 @@ def train(
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
     plan = make_plan(cfg, launch.planned_processes(num_processes, accelerate_config) * world)
     if not launch.started_by_us():  # else the launching process has said and checked it
-        for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
+        for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg, plan.num_processes)):
             console.info(line)
         if ppo:
             check_inputs(cfg)
