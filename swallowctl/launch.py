@@ -79,9 +79,10 @@ def launch_args(
         # Without it, Accelerate starts one plain process on a machine without several GPUs.
         args += ["--multi_gpu"]
     if accelerate_config is None:
-        # Stated, so Accelerate does not warn that it picked defaults.
+        # Stated, so Accelerate does not warn that it picked defaults; port 0: any free one.
         args += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [*args, "--main_process_port", "0", "-m", "swallowctl", *train_args]
+        args += ["--main_process_port", "0"]
+    return [*args, "-m", "swallowctl", *train_args]
 
 
 def launch(args: list[str], *, verbose: bool = False) -> int:
@@ -94,6 +95,7 @@ def launch(args: list[str], *, verbose: bool = False) -> int:
             if name.startswith(("torch.distributed", "accelerate")):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     parsed = launch_command_parser().parse_args(args)
+    _check_gpus(parsed.num_processes)
     # The elastic agent would turn one Ctrl-C into a SIGINT to every worker and a SIGKILL 30 s
     # later, mid-update. Instead each signal goes to every worker once: they agree to stop
     # after the same update and save (a second Ctrl-C stops them at once).
@@ -115,6 +117,18 @@ def launch(args: list[str], *, verbose: bool = False) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
     return 0
+
+
+def _check_gpus(num_processes: int | None) -> None:
+    """On a CUDA machine each process needs a GPU of its own (NCCL refuses to share one)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if num_processes and count and num_processes > count:
+        raise UsageError(
+            f"--num-processes {num_processes} needs {num_processes} GPUs; this machine has {count}",
+            hint=f"use --num-processes {count} or fewer (CUDA_VISIBLE_DEVICES picks which)",
+        )
 
 
 def _forward(signum: int, _frame: Any) -> None:
