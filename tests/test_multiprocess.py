@@ -15,8 +15,10 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
-pytestmark = pytest.mark.slow
+from swallowctl import launch
+from swallowctl.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -85,6 +87,7 @@ def _sigterm_rank1_after_checkpoint_1(run: Path, argv: list[str]) -> tuple[int, 
     return proc.returncode, err
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_resume_and_refuse_another_count(tmp_path: Path) -> None:
     more = ("ppo.grad_accum_steps=1", "ppo.total_updates=3", "output.save_steps=1")
     run = tmp_path / "run"
@@ -133,6 +136,7 @@ def test_two_processes_stop_together_resume_and_refuse_another_count(tmp_path: P
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_of_one_equal_one_process_accumulating_two(tmp_path: Path) -> None:
     # Greedy-like sampling (top_k=1): each prompt's answer is the same in either layout.
     same = ("ppo.total_updates=1", "generation.top_k=1", "output.save_steps=100")
@@ -169,6 +173,7 @@ def test_deepspeed_missing_is_one_line_before_anything_loads(tmp_path: Path) -> 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_reward_failing_in_one_process_ends_both_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "rank_reward.py").write_text(
         "import os\n\n\n"
@@ -193,3 +198,30 @@ def test_a_reward_failing_in_one_process_ends_both_with_one_line(tmp_path: Path)
     assert errors[0].startswith("error: process 1: reward") and "only process 1 breaks" in errors[0]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_launch_arguments_map_our_flags_to_accelerate(tmp_path: Path) -> None:
+    train = ["train", "--config", "my.yaml"]
+    plain = launch.launch_args(2, None, None, train)
+    assert plain[:3] == ["--num_processes", "2", "--multi_gpu"]
+    assert plain[plain.index("--main_process_port") + 1] == "0"
+    assert plain[-5:] == ["-m", "swallowctl", *train]
+    zero2 = launch.launch_args(4, None, "zero2", train)
+    assert "--use_deepspeed" in zero2 and zero2[zero2.index("--zero_stage") + 1] == "2"
+    assert "--multi_gpu" not in zero2
+    accel = tmp_path / "accel.yaml"
+    accel.write_text("distributed_type: MULTI_GPU\nnum_processes: 3\n", encoding="utf-8")
+    own = launch.launch_args(None, accel, None, train)
+    assert own == ["--config_file", str(accel), "-m", "swallowctl", *train]
+    assert launch.planned_processes(None, accel) == 3
+    assert launch.planned_processes(2, accel) == 2
+
+
+def test_launcher_flags_inside_a_launched_process_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = CliRunner().invoke(app, ["train", "--num-processes", "2", "--dry-run"])
+    assert r.exit_code == 2
+    assert "already started by a launcher" in r.output
