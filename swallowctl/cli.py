@@ -28,7 +28,8 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # Typer's own usage errors and exits: it renders them (exit 2 for usage)
         except KeyboardInterrupt:
-            console.err.print("interrupted")
+            if not console.state.secondary:  # every training process got it; one says so
+                console.err.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
             raise typer.Exit(console.report_error(e)) from None
