@@ -63,8 +63,11 @@ _swallowctl() {
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
+                --num-processes) COMPREPLY=(); return ;;
+                --accelerate-config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --deepspeed) COMPREPLY=($(compgen -W "zero2" -- "$cur")); return ;;
             esac
-            COMPREPLY=($(compgen -W "--config -c --set --resume --dry-run --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--config -c --set --resume --dry-run --num-processes --accelerate-config --deepspeed --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "infer")
             case "$prev" in
                 --prompt|-p) COMPREPLY=(); return ;;

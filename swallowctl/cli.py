@@ -28,7 +28,8 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # Typer's own usage errors and exits: it renders them (exit 2 for usage)
         except KeyboardInterrupt:
-            console.err.print("interrupted")
+            if not console.state.secondary:  # every training process got it; one says so
+                console.err.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
             raise typer.Exit(console.report_error(e)) from None
@@ -90,6 +91,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and
 class Backend(StrEnum):
     torch = "torch"
     mlx = "mlx"
+
+
+class DeepSpeed(StrEnum):
+    zero2 = "zero2"
 
 
 BackendOpt = Annotated[
@@ -262,31 +267,80 @@ def train(
         bool,
         typer.Option("--dry-run", help="Check config, data and rewards; print the plan; stop."),
     ] = False,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Train data-parallel in N processes (one per GPU), launched through Accelerate.",
+        ),
+    ] = None,
+    accelerate_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--accelerate-config",
+            help="An Accelerate config file (accelerate config) for the launch.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    deepspeed: Annotated[
+        DeepSpeed | None,
+        typer.Option("--deepspeed", help="DeepSpeed ZeRO stage for the launch (needs deepspeed)."),
+    ] = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
+    from swallowctl import launch
     from swallowctl.ppo import critic_free, trainer_class
     from swallowctl.ppo.trainer import check_inputs, make_plan
 
+    rank, world = launch.process_rank()
+    # One process needs no launcher: it trains here (and a resume check answers at once).
+    launching = (num_processes or 1) > 1 or accelerate_config is not None or deepspeed is not None
+    if (launching or num_processes is not None) and world > 1:
+        raise UsageError(
+            "--num-processes, --accelerate-config and --deepspeed start the processes; "
+            "this one was already started by a launcher",
+            hint="leave them out under accelerate launch, or run swallowctl train without it",
+        )
     _start(verbose, quiet)
+    if rank > 0:
+        console.be_secondary()  # only the main process talks
+    launch.check_deepspeed(deepspeed)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
-    plan = make_plan(cfg)
-    for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
-        console.info(line)
-    if ppo:
-        check_inputs(cfg)
-    else:
-        critic_free.check_inputs(cfg)
+    plan = make_plan(cfg, launch.planned_processes(num_processes, accelerate_config) * world)
+    if not launch.started_by_us():  # else the launching process has said and checked it
+        for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg, plan.num_processes)):
+            console.info(line)
+        if ppo:
+            check_inputs(cfg)
+        else:
+            critic_free.check_inputs(cfg)
     if dry_run:
         console.print_text("dry run: config, data and rewards are valid; nothing trained")
         return
     if resume:
         critic_free.check_run_algorithm(cfg)  # a run of another algorithm cannot continue
+    if launching:
+        args = ["train", *(["--config", str(config)] if config else [])]
+        args += [a for s in set_ or () for a in ("--set", s)]
+        args += [
+            f for f, on in (("--resume", resume), ("--verbose", verbose), ("--quiet", quiet)) if on
+        ]
+        code = launch.launch(
+            launch.launch_args(
+                num_processes, accelerate_config, deepspeed and deepspeed.value, args
+            ),
+            verbose=verbose,
+        )
+        raise typer.Exit(code)
     with console.update_progress(plan.sizes.total_updates) as on_update:
         result = trainer_class(cfg)(cfg, resume=resume, on_update=on_update).run()
-    console.print_text(f"adapter: {result.final_dir}")
+    if rank == 0:
+        console.print_text(f"adapter: {result.final_dir}")
     if result.stopped_early:
         console.warn(f"stopped early: {result.stopped_early}")
 

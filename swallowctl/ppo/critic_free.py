@@ -147,6 +147,9 @@ def _mapped_kwargs(cfg: SwallowConfig, staging: Path, *, cpu: bool) -> dict[str,
         "shuffle_dataset": cfg.data.shuffle,
         "gradient_checkpointing": p.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        # Every LoRA parameter takes part in each forward: no extra DDP graph walk (nor its
+        # warning from every process).
+        "ddp_find_unused_parameters": False,
         # No autocast: the same fp32 stream as our PPO (and as tune-memory models it).
         "bf16": False,
         "fp16": False,
