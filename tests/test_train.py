@@ -180,14 +180,15 @@ def test_qlora_4bit_on_cpu_and_the_reference_is_the_base(tmp_path: Path) -> None
         ),
         device_map={"": "cpu"},
     )
+    from swallowctl.ppo.policy import keep_4bit_differentiable, top_p_filter
+
+    keep_4bit_differentiable(base)  # fp32 matmuls, as the trainer's base (not bnb's bf16 repack)
     with torch.no_grad():
         logits = base(
             batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
         ).logits
-    from swallowctl.ppo.policy import top_p_filter
-
     ctx = batch.context_length
     scaled = top_p_filter(logits[:, ctx - 1 : -1] / 0.7, 0.9, keep=batch.response)
     expect = torch.log_softmax(scaled, -1).gather(-1, batch.response.unsqueeze(-1)).squeeze(-1)

@@ -46,13 +46,12 @@ import yaml
 from swallowctl.core.config import CRITIC_FREE, SwallowConfig, render_yaml
 from swallowctl.core.errors import ConfigError, UsageError
 from swallowctl.ppo import checkpoint
+from swallowctl.ppo.signals import Signals
 from swallowctl.ppo.trainer import (
     FINAL,
     MANIFEST,
     Interrupted,
     TrainResult,
-    _prompt_text,  # the prompt text PPO hands the reward functions: one definition for both
-    _Signals,
     final_manifest,
 )
 
@@ -299,7 +298,7 @@ class RewardBridge:
         # Decoded here, as PPO does, rather than TRL's chat-parsed completions.
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         finished = [bool(x) and x[-1] in self.stop_ids for x in ids]
-        prompt_texts = [_prompt_text(r) for r in rows]
+        prompt_texts = [r.prompt_text for r in rows]
         result = self.rewards(
             prompts=prompt_texts,
             completions=texts,
@@ -427,7 +426,7 @@ class CriticFreeTrainer:
         self._build_model()
         self._build_data_and_rewards()
         self.trainer = self._build_trainer()
-        self.signals: _Signals | None = None
+        self.signals: Signals | None = None
         self.stopped_at: int | None = None
         self.last: dict[str, float] = {}
         self._clock = time.perf_counter()
@@ -589,7 +588,7 @@ class CriticFreeTrainer:
         self._write_config()
         resume = str(self.resume_path) if self.resume_path else None
         try:
-            with _Signals() as signals:
+            with Signals() as signals:
                 self.signals = signals
                 self._clock = time.perf_counter()
                 self.trainer.train(resume_from_checkpoint=resume)

@@ -65,6 +65,15 @@ class PromptRow:
     columns: dict[str, Any]
     where: str
 
+    @property
+    def prompt_text(self) -> str:
+        """What reward functions get as the prompt: the row's `prompt` text, else the last user
+        message (PPO, GRPO and RLOO hand over the same)."""
+        if isinstance(self.columns.get("prompt"), str):
+            return str(self.columns["prompt"])
+        users = [m["content"] for m in self.messages if m["role"] == "user"]
+        return users[-1] if users else ""
+
 
 class _Bad:
     """A line that could not be read; carries the message (without the `FILE:LINE:` prefix)."""

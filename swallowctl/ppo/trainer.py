@@ -10,7 +10,6 @@ import contextlib
 import logging
 import math
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from swallowctl.core.errors import RuntimeFailure, SwallowError, UsageError
 from swallowctl.core.models import ResolvedModel, resolve
 from swallowctl.ppo import algo, checkpoint
 from swallowctl.ppo.runlog import RunLog
+from swallowctl.ppo.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -111,35 +111,6 @@ class TrainResult:
     updates_done: int
     last_metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: str | None = None
-
-
-class _Signals:
-    """First Ctrl-C/SIGTERM: finish the update, checkpoint, exit. Second Ctrl-C: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        log.warning(
-            "%s: finishing this update, then saving a checkpoint (Ctrl-C again to stop now)",
-            self.requested,
-        )
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 class PPOTrainer:
@@ -415,7 +386,7 @@ class PPOTrainer:
         stopped: str | None = None
         update = self.start_update
         try:
-            with _Signals() as signals:
+            with Signals() as signals:
                 for update in range(self.start_update + 1, sizes.total_updates + 1):
                     last = self._one_update(update)
                     self.on_update(update, last)
@@ -505,7 +476,7 @@ class PPOTrainer:
             "components": components,
             "samples": [
                 {
-                    "prompt": _prompt_text(r),
+                    "prompt": r.prompt_text,
                     "completion": t,
                     "score": float(s),
                     **{k: _float(v[i]) for k, v in components.items()},
@@ -693,7 +664,7 @@ class PPOTrainer:
         ]
         assert self.rewards is not None
         result = self.rewards(
-            prompts=[_prompt_text(r) for r in rows],
+            prompts=[r.prompt_text for r in rows],
             completions=texts,
             completion_ids=ids,
             finished=batch.finished.tolist(),
@@ -1174,13 +1145,6 @@ def final_manifest(
         "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
         "config": dump_config(cfg),
     }
-
-
-def _prompt_text(row: Any) -> str:
-    if "prompt" in row.columns and isinstance(row.columns["prompt"], str):
-        return str(row.columns["prompt"])
-    users = [m["content"] for m in row.messages if m["role"] == "user"]
-    return users[-1] if users else ""
 
 
 def _float(v: Any) -> float | None:
