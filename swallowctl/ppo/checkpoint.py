@@ -21,6 +21,7 @@ from swallowctl.core.errors import RuntimeFailure
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"  # written last: a directory without it was interrupted while saving
+OLD = ".old-"  # prefix of a directory being replaced (see `install`)
 STATE = "trainer_state.json"
 TENSORS = "trainer_state.pt"
 VALUE_HEAD = "value_head.safetensors"
@@ -76,6 +77,7 @@ def save(
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
+        recover(run_dir)
         tmp.mkdir(parents=True)
         write_model(tmp)
         if tensors is not None:
@@ -84,10 +86,7 @@ def save(
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text("", encoding="utf-8")
         _fsync_dir(tmp)
-        if final.exists():  # `final` of a resumed run, or a step saved again: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(run_dir)
+        install(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(run_dir)
@@ -100,6 +99,39 @@ def save(
     return final
 
 
+def install(src: Path, dest: Path) -> None:
+    """Move the complete directory `src` to `dest`, replacing an existing `dest` whole.
+
+    A directory cannot be renamed over a non-empty one, and deleting `dest` first would lose it
+    to a kill before the rename: the old one is moved aside, and removed only once the new one
+    is in place. A kill in between leaves `.old-NAME`, which `recover` puts back.
+    """
+    aside = dest.with_name(f"{OLD}{dest.name}")
+    if dest.exists():
+        os.rename(dest, aside)
+    os.rename(src, dest)
+    _fsync_dir(dest.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(run_dir: Path) -> None:
+    """Tidy what a kill left: temp dirs, half-pruned checkpoints, a cut replacement undone.
+
+    `.old-NAME` goes back where NAME is missing (see `install`). Call it before writing.
+    """
+    for tmp in run_dir.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in run_dir.glob("checkpoint-*"):
+        if _NAME.match(path.name) and not (path / COMPLETE).exists():
+            shutil.rmtree(path, ignore_errors=True)  # unmarked by `prune`, then killed
+    for aside in run_dir.glob(f"{OLD}*"):
+        dest = run_dir / aside.name.removeprefix(OLD)
+        if dest.exists():
+            shutil.rmtree(aside, ignore_errors=True)  # killed after the new one was in place
+        else:
+            os.rename(aside, dest)
+
+
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(JSON state, tensor state) of a checkpoint."""
     import torch
@@ -110,14 +142,14 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def prune(run_dir: Path, keep: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond `keep`, and stale temp dirs.
+    """Delete the oldest complete checkpoints beyond `keep`.
 
     Called only after a new checkpoint is complete, so the newest good one is never touched.
     """
-    for tmp in run_dir.glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
     if keep is None:
         return
     done = checkpoints(run_dir)
     for _, path in done[: max(0, len(done) - keep)]:
+        # Unmarked first: a kill halfway through the delete leaves no "complete" torn copy.
+        (path / COMPLETE).unlink()
         shutil.rmtree(path, ignore_errors=True)

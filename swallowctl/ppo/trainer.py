@@ -178,7 +178,8 @@ class PPOTrainer:
             RunLog(
                 self.run_dir,
                 list(cfg.logging.report_to),
-                resume_from=self.start_update if resume_path else None,
+                # --resume without a checkpoint redoes update 1: drop what a killed run wrote
+                resume_from=self.start_update if resume else None,
             )
             if self.accelerator.is_main_process
             else None
@@ -188,6 +189,8 @@ class PPOTrainer:
 
     def _check_run_dir(self, resume: bool) -> Path | None:
         """Refuse to mix two runs in one directory; find where to resume."""
+        if self.accelerator.is_main_process and self.run_dir.exists():
+            checkpoint.recover(self.run_dir)  # a `final/` or `best/` whose replacement was cut
         found = checkpoint.latest(self.run_dir) if self.run_dir.exists() else None
         if resume:
             if found is None:
@@ -377,10 +380,12 @@ class PPOTrainer:
                     last = self._one_update(update)
                     self.on_update(update, last)
                     self._keep_best(update, last)
-                    if self._should_save(update):
+                    saved = self._should_save(update)
+                    if saved:
                         self._save(update)
                     if signals.requested:
-                        self._save(update)
+                        if not saved:
+                            self._save(update)
                         raise Interrupted(
                             f"stopped by {signals.requested} after update {update}; "
                             f"checkpoint-{update} saved in {self.run_dir}",
