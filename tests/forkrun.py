@@ -4,7 +4,8 @@ Importing torch and transformers takes most of a tiny run's time; a server impor
 forks a child per command, which runs the real CLI entry point and exits (or is SIGKILLed) like
 any `swallowctl` process. `kill="module:attr:n:when[:match]"` SIGKILLs the child on the n-th call
 of `module.attr` (a function or `Class.method`) whose arguments' text contains `match`, before or
-after the call: exact moments, with no hooks in product code.
+after the call: exact moments, with no hooks in product code. `when="enospc"` makes that call
+and every later one fail with ENOSPC instead, as a full disk does.
 
     with ForkRunner() as runner:
         rc, stderr = runner.run(["train", ...], kill="swallowctl.ppo.algo:policy_loss:1:after")
@@ -12,6 +13,7 @@ after the call: exact moments, with no hooks in product code.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import json
@@ -53,6 +55,8 @@ def install_kill(spec: str) -> None:
         calls[0] += hit
         if hit and calls[0] == n and when == "before":
             os.kill(os.getpid(), signal.SIGKILL)
+        if hit and calls[0] >= n and when == "enospc":  # a full disk, from here on
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         out = real(*args, **kwargs)
         if hit and calls[0] == n and when == "after":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -9,9 +9,11 @@ the adapters (final/ and best/) must equal those of one uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
-from collections.abc import Iterator
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,10 +78,13 @@ def assert_nothing_torn(run: Path) -> None:
         if (d / checkpoint.COMPLETE).is_file():
             for name in CHECKPOINT_FILES:
                 assert (d / name).is_file(), f"{d} is marked complete without {name}"
-    newest = checkpoint.latest(run)
-    if newest is not None:
-        checkpoint.load(newest)  # both state files read back
-        weights(newest)
+    done = [n for n, _ in checkpoint.checkpoints(run)]
+    if done:
+        checkpoint.load(run / f"checkpoint-{done[-1]}")  # both state files read back
+        weights(run / f"checkpoint-{done[-1]}")
+        # save_total_limit=2: the old ones go only once a new one is complete, so the two
+        # newest complete checkpoints are always there, whatever moment the kill hit.
+        assert done[-2:] == list(range(max(1, done[-1] - 1), done[-1] + 1)), done
     for name in ("final", "best"):
         if (run / name).exists():
             assert (run / name / checkpoint.COMPLETE).is_file(), f"{name}/ is torn"
@@ -102,7 +107,7 @@ SCORING = ("swallowctl.ppo.trainer:PPOTrainer._rewards:2:before", "scoring of a 
 MID_UPDATE_1 = ("swallowctl.ppo.algo:policy_loss:1:after", "first micro-step")
 MID_UPDATE_3 = ("swallowctl.ppo.algo:policy_loss:3:after", "a micro-step of the 2nd update")
 ADAPTER_ONLY = ("swallowctl.ppo.policy:save_adapter:2:after", "checkpoint-1: adapter written")
-TENSORS_WRITTEN = ("torch:save:3:after", "checkpoint: optimizer and RNG written")
+TENSORS_WRITTEN = ("torch:save:3:after", "checkpoint: optimizer and RNG serialized")
 BEFORE_MARK = ("swallowctl.ppo.checkpoint:_fsync_tree:2:after", "checkpoint: all but COMPLETE")
 BEFORE_RENAME = ("swallowctl.ppo.checkpoint:install:2:before", "final/: complete, not renamed")
 BEST_ASIDE = ("os:rename:1:after:/.old-", "best/ moved aside, the new one not in yet")
@@ -157,9 +162,45 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     assert not list(run.glob(".*")), "temp or set-aside directories left behind"
 
 
-def _tree(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Callable[[], None] | None]:
+    """A tmpfs of `size` at `path`; yields a function that frees space (remounts it bigger).
+
+    Yields None where mounting is refused (not root, a sandbox): the caller injects ENOSPC.
+    """
+    path.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield lambda: subprocess.run(
+            ["mount", "-o", "remount,size=64m", str(path)], check=True, capture_output=True
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_disk_full_while_checkpointing(runner: ForkRunner, reference: Path, tmp_path: Path) -> None:
+    # 2 MiB: config, logs, best/ and checkpoint-1 (~1.3 MiB) fit; checkpoint-2 does not.
+    with small_disk(tmp_path / "disk", "2m") as free_space:
+        run = tmp_path / "disk" / "run"
+        kill = None if free_space else "torch:save:2:enospc"
+        r = train(runner, run, resume=False, kill=kill)
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, r.stderr
+        assert f"could not write checkpoint {run / 'checkpoint-2'}" in errors[0]
+        assert "No space left on device" in errors[0]
+        assert "the previous checkpoint (checkpoint-1) is intact" in r.stderr
+        assert [n for n, _ in checkpoint.checkpoints(run)] == [1]
+        assert_nothing_torn(run)
+        assert not list(run.glob(".tmp-*")), "the half-written checkpoint was left behind"
+        if free_space:
+            free_space()
+        r = train(runner, run, resume=True)
+        assert r.returncode == 0, r.stderr
+        assert f"resumed from {run / 'checkpoint-1'}" in r.stderr
+        # Resumed from checkpoint-1, the run ends exactly as one never stopped: it was intact.
+        assert_same_adapter(reference / "final", run / "final")

@@ -7,6 +7,7 @@ run continues exactly where the stopped one was.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -81,22 +82,37 @@ def save(
         tmp.mkdir(parents=True)
         write_model(tmp)
         if tensors is not None:
-            torch.save(tensors, tmp / TENSORS)
+            # Through memory: torch.save reports a full disk as a RuntimeError of its C++
+            # writer ("unexpected pos"); Python's own write says what happened.
+            buffer = io.BytesIO()
+            torch.save(tensors, buffer)
+            (tmp / TENSORS).write_bytes(buffer.getbuffer())
         (tmp / STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text("", encoding="utf-8")
         _fsync_dir(tmp)
         install(tmp, final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy
+        reason = _io_error(e)
+        if reason is None:
+            raise
         previous = latest(run_dir)
         raise RuntimeFailure(
-            f"could not write checkpoint {final}: {e.strerror or e}",
+            f"could not write checkpoint {final}: {reason}",
             hint=f"the previous checkpoint ({previous.name if previous else 'none'}) is intact; "
-            "free disk space and resume with --resume",
+            "free disk space (or fix the cause) and resume with --resume",
         ) from e
     log.debug("saved %s", final)
     return final
+
+
+def _io_error(e: Exception) -> str | None:
+    """What went wrong writing, if `e` is an I/O error: safetensors wraps them in its own kind."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    m = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))
+    return m.group(1) if m else None
 
 
 def install(src: Path, dest: Path) -> None:
