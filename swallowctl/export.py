@@ -35,6 +35,7 @@ from swallowctl.infer import (
     AdapterInfo,
     read_adapter,
 )
+from swallowctl.infer.fit import check_fits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,6 +106,7 @@ def export(
     if adapter.format != "peft":
         raise UsageError(f"{adapter.path} is already an mlx-lm adapter; export needs the peft one")
     resolved, _ = choose_model(model, adapter, cfg, backend="torch")
+    check_fits(adapter.path / PEFT_WEIGHTS, resolved.name, resolved.architecture)
     if fmt == "mlx":
         from swallowctl.infer.mlx_backend import require_mlx
 
@@ -200,14 +202,13 @@ def merge(
 
     Merging into a 4-bit base would round the update away, so the base is loaded in `dtype`.
     """
-    from peft import PeftModel
-
+    from swallowctl.infer.torch_backend import apply_adapter
     from swallowctl.ppo.policy import Precision, load_base, load_tokenizer
 
     precision = Precision(device="cpu", load_in_4bit=False, dtype=dtype, compute_dtype=dtype)
     log.info("loading %s in %s to merge %s", resolved.model_id, dtype, adapter.path)
     base = load_base(resolved, cfg, precision)
-    merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
+    merged = apply_adapter(base, adapter).merge_and_unload()
     stops = list(resolved.stop_token_ids)
     # Every stop id in both files: transformers reads generation_config, mlx-lm config.json.
     merged.config.eos_token_id = stops

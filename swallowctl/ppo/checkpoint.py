@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from swallowctl.core.errors import RuntimeFailure
+from swallowctl.core.errors import RuntimeFailure, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,9 @@ STATE = "trainer_state.json"
 TENSORS = "trainer_state.pt"
 VALUE_HEAD = "value_head.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# What `load` needs to resume (trainer._save writes them).
+_STATE_KEYS = ("update", "num_processes", "kl_coef", "entropy_coef", "python_random")
+_TENSOR_KEYS = ("optimizer", "scheduler", "torch_rng")
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -149,11 +152,30 @@ def recover(run_dir: Path) -> None:
 
 
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(JSON state, tensor state) of a checkpoint."""
+    """(JSON state, tensor state) of a checkpoint.
+
+    Raises:
+        UsageError: the files are unreadable or lack what this version reads (another version's).
+    """
+    import pickle
+
     import torch
 
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise UsageError(
+            f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})",
+            hint="resume from another checkpoint: move this one out of the run directory",
+        ) from None
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    missing += [k for k in _TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise UsageError(
+            f"{path}: not a checkpoint this swallowctl can resume (no {', '.join(missing)})",
+            hint="it was written by another version: resume with that version, or start anew",
+        )
     return state, tensors
 
 
