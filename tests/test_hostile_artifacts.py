@@ -271,8 +271,8 @@ ENV_SETS = (
 
 # (name, class, settings.bad, command, exit code, fragment)
 ENV_CASES: list[tuple[str, str, str, str, int, str]] = [
-    ("missing step", "NoStep", "none", "env check", 2, "step"),
-    ("missing step, train", "NoStep", "none", "train", 2, "step"),
+    ("missing step", "NoStep", "none", "env check", 2, "has no step method"),
+    ("missing step, train", "NoStep", "none", "train", 2, "has no step method"),
     ("not a class", "NOT_A_CLASS", "none", "env check", 2, "NOT_A_CLASS"),
     ("no such class", "Nope", "none", "train", 2, "Nope"),
     ("init raises", "InitRaises", "none", "env check", 1, "needs an API key"),
