@@ -266,12 +266,14 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
+    from swallowctl.core.paths import check_creatable
     from swallowctl.ppo import critic_free
     from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
 
     _start(verbose, quiet)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
+    check_creatable(Path(cfg.output.dir), "output.dir", folder=True)
     plan = make_plan(cfg)
     for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
         console.info(line)

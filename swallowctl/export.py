@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from swallowctl import __version__
 from swallowctl.core.errors import UsageError
+from swallowctl.core.paths import check_creatable
 from swallowctl.infer import (
     EXPORT_MANIFEST,
     MLX_WEIGHTS,
@@ -66,6 +67,7 @@ class ExportResult:
 
 def check_output(output: Path, force: bool) -> None:
     """Refuse an existing non-empty folder (or a file) unless `force`. Cheap: runs first."""
+    check_creatable(output, "--output")
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file", hint="give a folder path")
     if output.is_dir() and any(output.iterdir()) and not force:

@@ -267,6 +267,28 @@ CASES: list[tuple[str, dict[str, bytes], list[str], int, str]] = [
         2,
         "already exists",
     ),
+    # --- where output goes -----------------------------------------------------------------------
+    (
+        "train output under a file",
+        {"f": b"x"},
+        ["train", "--set", TINY, "--set", "output.dir={f}/run", "--dry-run"],
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "train output is a file",
+        {"f": b"x"},
+        ["train", "--set", TINY, "--set", "output.dir={f}", "--dry-run"],
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "infer output under a file",
+        {"in.jsonl": b'{"prompt": "a"}\n', "f": b"x"},
+        ["infer", "--model", "builtin:tiny-ja", "--input", "{in.jsonl}", "--output", "{f}/o.jsonl"],
+        2,
+        "is a file, not a folder",
+    ),
     ("unknown command", {}, ["trian"], 2, ""),
     ("bad flag", {}, ["train", "--lr", "3"], 2, ""),
 ]

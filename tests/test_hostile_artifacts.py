@@ -115,6 +115,13 @@ ADAPTER_CASES: list[tuple[str, Callable[[Path], None], list[str], int, str]] = [
         "no adapter_config.json",
     ),
     ("export a file", lambda d: None, ["export", "{adapter}/manifest.json"], 2, ""),
+    (
+        "export output under a file",
+        lambda d: None,
+        [*MLX_ADAPTER[:-1], "{adapter}/manifest.json/x"],
+        2,
+        "is a file, not a folder",
+    ),
 ]
 
 
