@@ -4,8 +4,9 @@ Importing torch and transformers takes most of a tiny run's time; a server impor
 forks a child per command, which runs the real CLI entry point and exits (or is SIGKILLed) like
 any `swallowctl` process. `kill="module:attr:n:when[:match]"` SIGKILLs the child on the n-th call
 of `module.attr` (a function or `Class.method`) whose arguments' text contains `match`, before or
-after the call: exact moments, with no hooks in product code. `when="enospc"` makes that call
-and every later one fail with ENOSPC instead, as a full disk does.
+after the call: exact moments, with no hooks in product code. `kill_after_s` kills it by the
+clock instead. `when="enospc"` makes that call and every later one fail with ENOSPC, as a full
+disk does.
 
     with ForkRunner() as runner:
         rc, stderr = runner.run(["train", ...], kill="swallowctl.ppo.algo:policy_loss:1:after")
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,10 @@ def _child(job: dict[str, Any]) -> None:
         os.dup2(f.fileno(), 1)
     if job.get("kill"):
         install_kill(job["kill"])
+    if job.get("kill_after_s"):  # a moment by the clock: from a thread, so no C call delays it
+        t = threading.Timer(job["kill_after_s"], os.kill, (os.getpid(), signal.SIGKILL))
+        t.daemon = True
+        t.start()
     sys.argv = ["swallowctl", *job["argv"]]
     from swallowctl.cli import main
 
@@ -128,12 +134,18 @@ class ForkRunner:
         return line
 
     def run(
-        self, argv: list[str], *, kill: str | None = None, env: dict[str, str] | None = None
+        self,
+        argv: list[str],
+        *,
+        kill: str | None = None,
+        kill_after_s: float | None = None,
+        env: dict[str, str] | None = None,
     ) -> tuple[int, str]:
         """(exit code, or -9 when killed; stdout and stderr together)."""
         assert self.proc.stdin is not None
         out = Path(self.dir.name) / "out.txt"
-        job = {"argv": argv, "kill": kill, "env": env or {}, "stderr": str(out)}
+        job = {"argv": argv, "kill": kill, "kill_after_s": kill_after_s, "env": env or {}}
+        job["stderr"] = str(out)
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         rc = json.loads(self._read())["rc"]

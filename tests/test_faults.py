@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -55,9 +56,16 @@ def runner() -> Iterator[ForkRunner]:
         yield r
 
 
-def train(runner: ForkRunner, run: Path, *, resume: bool, kill: str | None = None) -> Result:
+def train(
+    runner: ForkRunner,
+    run: Path,
+    *,
+    resume: bool,
+    kill: str | None = None,
+    kill_after_s: float | None = None,
+) -> Result:
     argv = ["train", f"--set=output.dir={run}", *(f"--set={s}" for s in SETS)]
-    rc, err = runner.run(argv + ["--resume"] * resume, kill=kill)
+    rc, err = runner.run(argv + ["--resume"] * resume, kill=kill, kill_after_s=kill_after_s)
     return Result(rc, err)
 
 
@@ -148,10 +156,29 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
         assert "Traceback" not in r.stderr
         assert_nothing_torn(run)
         resume = True
+    finish_like_reference(runner, run, reference)
+
+
+def test_sigkill_at_random_moments(runner: ForkRunner, reference: Path, tmp_path: Path) -> None:
+    # By the clock, three times in a row: wherever the run happens to be (a kill may also come
+    # after the run ended, rc 0; the next --resume then redoes its last update).
+    run = tmp_path / "run"
+    rng = random.Random(8)
+    for i in range(3):
+        r = train(runner, run, resume=i > 0, kill_after_s=rng.uniform(0.2, 1.6))
+        assert r.returncode in (-9, 0), r.stderr
+        assert "Traceback" not in r.stderr
+        assert_nothing_torn(run)
+    finish_like_reference(runner, run, reference)
+
+
+def finish_like_reference(runner: ForkRunner, run: Path, reference: Path) -> None:
+    """`--resume` to the end; then the run must be the uninterrupted one, tidy."""
     newest = checkpoint.latest(run)
     r = train(runner, run, resume=True)
     assert r.returncode == 0, r.stderr
-    assert f"resumed from {newest}" in r.stderr, r.stderr
+    if newest is not None:
+        assert f"resumed from {newest}" in r.stderr, r.stderr
     assert_same_adapter(reference / "final", run / "final")
     assert_same_adapter(reference / "best", run / "best")
     best = json.loads((run / "best" / checkpoint.STATE).read_text())
