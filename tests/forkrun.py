@@ -68,6 +68,7 @@ def install_kill(spec: str) -> None:
 
 
 def _child(job: dict[str, Any]) -> None:
+    signal.alarm(300)  # a child that hangs dies of SIGALRM (rc -14) instead of hanging the tests
     os.environ.update(job["env"])
     with open(job["stderr"], "wb") as f:
         os.dup2(f.fileno(), 2)
