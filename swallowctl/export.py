@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from swallowctl import __version__
-from swallowctl.core.errors import UsageError
+from swallowctl.core.errors import RuntimeFailure, UsageError, io_reason
 from swallowctl.core.paths import check_creatable
 from swallowctl.infer import (
     EXPORT_MANIFEST,
@@ -155,6 +155,14 @@ def _build_into(output: Path, build: Callable[[Path], None]) -> None:
         if output.exists():  # check_output allowed it: empty, or --force
             shutil.rmtree(output)
         tmp.rename(output)
+    except Exception as e:
+        reason = io_reason(e)
+        if reason is None:
+            raise
+        raise RuntimeFailure(
+            f"could not write {output}: {reason}",
+            hint="nothing was written there; free disk space (or fix the cause) and run again",
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -231,3 +231,17 @@ def test_disk_full_while_checkpointing(runner: ForkRunner, reference: Path, tmp_
         assert f"resumed from {run / 'checkpoint-1'}" in r.stderr
         # Resumed from checkpoint-1, the run ends exactly as one never stopped: it was intact.
         assert_same_adapter(reference / "final", run / "final")
+
+
+def test_disk_full_while_exporting(runner: ForkRunner, reference: Path, tmp_path: Path) -> None:
+    # 64 KiB: the mlx-lm adapter (~300 KiB) does not fit.
+    with small_disk(tmp_path / "disk", "64k") as free_space:
+        out = tmp_path / "disk" / "export"
+        argv = ["export", str(reference / "final"), "--format", "mlx-adapter", "--output", str(out)]
+        kill = None if free_space else "safetensors.numpy:save_file:1:enospc"
+        rc, err = runner.run(argv, kill=kill)
+        assert rc == 1, err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert errors == [f"error: could not write {out}: No space left on device"], err
+        assert "Traceback" not in err
+        assert not list((tmp_path / "disk").iterdir()), "half-written output left behind"

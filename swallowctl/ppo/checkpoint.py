@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from swallowctl.core.errors import RuntimeFailure, UsageError
+from swallowctl.core.errors import RuntimeFailure, UsageError, io_reason
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def save(
         install(tmp, final)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy
-        reason = _io_error(e)
+        reason = io_reason(e)
         if reason is None:
             raise
         previous = latest(run_dir)
@@ -108,14 +108,6 @@ def save(
         ) from e
     log.debug("saved %s", final)
     return final
-
-
-def _io_error(e: Exception) -> str | None:
-    """What went wrong writing, if `e` is an I/O error: safetensors wraps them in its own kind."""
-    if isinstance(e, OSError):
-        return e.strerror or str(e)
-    m = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))
-    return m.group(1) if m else None
 
 
 def install(src: Path, dest: Path) -> None:
