@@ -5,8 +5,8 @@ forks a child per command, which runs the real CLI entry point and exits (or is 
 any `swallowctl` process. `kill="module:attr:n:when[:match]"` SIGKILLs the child on the n-th call
 of `module.attr` (a function or `Class.method`) whose arguments' text contains `match`, before or
 after the call: exact moments, with no hooks in product code. `kill_after_s` kills it by the
-clock instead. `when="enospc"` makes that call and every later one fail with ENOSPC, as a full
-disk does.
+clock instead. `when="sigint"` sends a Ctrl-C after the call; `when="enospc"` makes that call
+and every later one fail with ENOSPC, as a full disk does.
 
     with ForkRunner() as runner:
         rc, stderr = runner.run(["train", ...], kill="swallowctl.ppo.algo:policy_loss:1:after")
@@ -60,8 +60,8 @@ def install_kill(spec: str) -> None:
         if hit and calls[0] >= n and when == "enospc":  # a full disk, from here on
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         out = real(*args, **kwargs)
-        if hit and calls[0] == n and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if hit and calls[0] == n and when in ("after", "sigint"):
+            os.kill(os.getpid(), signal.SIGKILL if when == "after" else signal.SIGINT)
         return out
 
     setattr(owner, attr, wrapper)

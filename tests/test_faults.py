@@ -245,3 +245,16 @@ def test_disk_full_while_exporting(runner: ForkRunner, reference: Path, tmp_path
         assert errors == [f"error: could not write {out}: No space left on device"], err
         assert "Traceback" not in err
         assert not list((tmp_path / "disk").iterdir()), "half-written output left behind"
+
+
+def test_ctrl_c_on_a_save_step_saves_once_exits_130_and_resumes(
+    runner: ForkRunner, reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", f"--set=output.dir={run}", *(f"--set={s}" for s in SETS), "-v"]
+    rc, err = runner.run(argv, kill="swallowctl.ppo.trainer:PPOTrainer._one_update:2:sigint")
+    assert rc == 130, err
+    assert "stopped by SIGINT after update 2" in err and "again with --resume" in err
+    assert err.count(f"saved {run / 'checkpoint-2'}") == 1, err  # not written twice
+    assert [n for n, _ in checkpoint.checkpoints(run)] == [1, 2]
+    finish_like_reference(runner, run, reference)
