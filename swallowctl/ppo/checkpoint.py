@@ -181,5 +181,5 @@ def prune(run_dir: Path, keep: int | None) -> None:
     done = checkpoints(run_dir)
     for _, path in done[: max(0, len(done) - keep)]:
         # Unmarked first: a kill halfway through the delete leaves no "complete" torn copy.
-        (path / COMPLETE).unlink()
+        (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
