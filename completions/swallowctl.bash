@@ -63,8 +63,11 @@ _swallowctl() {
             case "$prev" in
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
+                --num-processes) COMPREPLY=(); return ;;
+                --accelerate-config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+                --deepspeed) COMPREPLY=($(compgen -W "zero2" -- "$cur")); return ;;
             esac
-            COMPREPLY=($(compgen -W "--config -c --set --resume --dry-run --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--config -c --set --resume --dry-run --num-processes --accelerate-config --deepspeed --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "infer")
             case "$prev" in
                 --prompt|-p) COMPREPLY=(); return ;;
@@ -81,10 +84,13 @@ _swallowctl() {
                 --seed) COMPREPLY=(); return ;;
                 --batch-size) COMPREPLY=(); return ;;
                 --limit) COMPREPLY=(); return ;;
+                --env) COMPREPLY=(); return ;;
+                --episodes) COMPREPLY=(); return ;;
+                --max-steps) COMPREPLY=(); return ;;
                 --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
                 --set) COMPREPLY=($(compgen -W "$_swallowctl_keys" -- "$cur")); compopt -o nospace; return ;;
             esac
-            COMPREPLY=($(compgen -W "--prompt -p --input -i --output -o --backend --model --adapter --mode --system --temperature --top-p --max-new-tokens --greedy --seed --batch-size --limit --config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "--prompt -p --input -i --output -o --backend --model --adapter --mode --system --temperature --top-p --max-new-tokens --greedy --seed --batch-size --limit --env --episodes --max-steps --config -c --set --json --verbose -v --quiet -q --help -h" -- "$cur")) ;;
         "export")
             case "$prev" in
                 --format) COMPREPLY=($(compgen -W "merged mlx mlx-adapter" -- "$cur")); return ;;

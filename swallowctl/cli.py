@@ -28,7 +28,8 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # Typer's own usage errors and exits: it renders them (exit 2 for usage)
         except KeyboardInterrupt:
-            console.err.print("interrupted")
+            if not console.state.secondary:  # every training process got it; one says so
+                console.err.print("interrupted")
             raise typer.Exit(130) from None
         except Exception as e:
             raise typer.Exit(console.report_error(e)) from None
@@ -90,6 +91,10 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and
 class Backend(StrEnum):
     torch = "torch"
     mlx = "mlx"
+
+
+class DeepSpeed(StrEnum):
+    zero2 = "zero2"
 
 
 BackendOpt = Annotated[
@@ -262,34 +267,82 @@ def train(
         bool,
         typer.Option("--dry-run", help="Check config, data and rewards; print the plan; stop."),
     ] = False,
+    num_processes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-processes",
+            min=1,
+            help="Train data-parallel in N processes (one per GPU), launched through Accelerate.",
+        ),
+    ] = None,
+    accelerate_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--accelerate-config",
+            help="An Accelerate config file (accelerate config) for the launch.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    deepspeed: Annotated[
+        DeepSpeed | None,
+        typer.Option("--deepspeed", help="DeepSpeed ZeRO stage for the launch (needs deepspeed)."),
+    ] = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
+    from swallowctl import launch
     from swallowctl.core.paths import check_creatable
-    from swallowctl.ppo import critic_free
-    from swallowctl.ppo.trainer import PPOTrainer, check_inputs, make_plan
+    from swallowctl.ppo import critic_free, trainer_class
+    from swallowctl.ppo.trainer import check_inputs, make_plan
 
+    rank, world = launch.process_rank()
+    # One process needs no launcher: it trains here (and a resume check answers at once).
+    launching = (num_processes or 1) > 1 or accelerate_config is not None or deepspeed is not None
+    if (launching or num_processes is not None) and world > 1:
+        raise UsageError(
+            "--num-processes, --accelerate-config and --deepspeed start the processes; "
+            "this one was already started by a launcher",
+            hint="leave them out under accelerate launch, or run swallowctl train without it",
+        )
     _start(verbose, quiet)
+    if rank > 0:
+        console.be_secondary()  # only the main process talks
+    launch.check_deepspeed(deepspeed)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
     check_creatable(Path(cfg.output.dir), "output.dir", folder=True)
-    plan = make_plan(cfg)
-    for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg)):
-        console.info(line)
-    if ppo:
-        check_inputs(cfg)
-    else:
-        critic_free.check_inputs(cfg)
+    plan = make_plan(cfg, launch.planned_processes(num_processes, accelerate_config) * world)
+    if not launch.started_by_us():  # else the launching process has said and checked it
+        for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg, plan.num_processes)):
+            console.info(line)
+        if ppo:
+            check_inputs(cfg)
+        else:
+            critic_free.check_inputs(cfg)
     if dry_run:
         console.print_text("dry run: config, data and rewards are valid; nothing trained")
         return
     if resume:
         critic_free.check_run_algorithm(cfg)  # a run of another algorithm cannot continue
-    trainer_class = PPOTrainer if ppo else critic_free.CriticFreeTrainer
+    if launching:
+        args = ["train", *(["--config", str(config)] if config else [])]
+        args += [a for s in set_ or () for a in ("--set", s)]
+        args += [
+            f for f, on in (("--resume", resume), ("--verbose", verbose), ("--quiet", quiet)) if on
+        ]
+        code = launch.launch(
+            launch.launch_args(
+                num_processes, accelerate_config, deepspeed and deepspeed.value, args
+            ),
+            verbose=verbose,
+        )
+        raise typer.Exit(code)
     with console.update_progress(plan.sizes.total_updates) as on_update:
-        result = trainer_class(cfg, resume=resume, on_update=on_update).run()
-    console.print_text(f"adapter: {result.final_dir}")
+        result = trainer_class(cfg)(cfg, resume=resume, on_update=on_update).run()
+    if rank == 0:
+        console.print_text(f"adapter: {result.final_dir}")
     if result.stopped_early:
         console.warn(f"stopped early: {result.stopped_early}")
 
@@ -318,6 +371,8 @@ INFER_EXAMPLES = """Examples:
   swallowctl infer --backend mlx --prompt 'こんにちは'
 
   swallowctl infer --mode intervention --input obs.jsonl --output answers.jsonl
+
+  swallowctl infer -c examples/intervention.yaml --adapter runs/intervention/final --episodes 32
 """
 
 
@@ -363,25 +418,46 @@ def infer(
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Sampling seed: same seed, same answer.")] = None,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="--input rows per generate call (torch).")
+        int,
+        typer.Option(
+            "--batch-size", help="--input rows (or --env episodes) per generate call (torch)."
+        ),
     ] = 8,
     limit: Annotated[
         int | None, typer.Option(help="Answer at most N new --input rows, then stop.")
     ] = None,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env",
+            help="Play episodes in this environment (module:Class; default with --episodes: "
+            "environment.entrypoint).",
+        ),
+    ] = None,
+    episodes: Annotated[
+        int | None,
+        typer.Option("--episodes", min=1, help="Episodes to play in the environment (16)."),
+    ] = None,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", min=1, help="End an --env episode after N steps.")
+    ] = 100,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Chat, answer one prompt, or run a JSONL batch (--backend torch|mlx).
+    """Chat, answer one prompt, run a JSONL batch, or play episodes (--backend torch|mlx).
 
     MLX is inference only (Apple Silicon; Linux runs it on the CPU). Modes with choices, such as
-    intervention, answer greedily and print the chosen label (exit 1 when none parses).
+    intervention, answer greedily and print the chosen label (exit 1 when none parses). --env /
+    --episodes play whole episodes greedily inside an environment and report returns, lengths,
+    choices, output errors and accuracy; --output FILE.jsonl keeps every step.
     """
     from swallowctl.infer import batch, choose_model, open_backend, read_adapter, session
 
     _start(verbose, quiet)
+    in_env = env is not None or episodes is not None
     session.check_flags(
         prompt=prompt,
         input_path=input_,
@@ -389,18 +465,26 @@ def infer(
         json_=json_,
         batch_size=batch_size,
         limit=limit,
+        env=in_env,
     )
     cfg = _load(config, set_).config
     spec = session.resolve_mode(cfg, mode, system)
+    sampling_asked = temperature is not None or top_p is not None
     settings = session.resolve_settings(
         cfg,
         spec,
         temperature=temperature,
         top_p=top_p,
         max_new_tokens=max_new_tokens,
-        greedy=greedy,
+        greedy=greedy or (in_env and not sampling_asked),  # an evaluation is greedy by default
         seed=seed,
     )
+    if in_env:
+        env_class = _environment_class(env, cfg)
+        if output is not None:
+            from swallowctl.infer.episodes import check_steps_path
+
+            check_steps_path(output)
     # Everything that can be wrong with the input is found before a model loads.
     plan = batch.plan_batch(input_, output, spec) if input_ and output else None
     messages = session.messages_for(prompt, spec) if prompt is not None else None
@@ -408,7 +492,37 @@ def infer(
     resolved, load_id = choose_model(model, info, cfg, backend=backend.value)
     done = plan is not None and not plan.todo  # a finished batch: no model to load
     engine = None if done else open_backend(backend.value, resolved, load_id, cfg, info)
-    if plan is not None:
+    if in_env and engine is not None:
+        from swallowctl.infer import episodes as play
+
+        with play.episode_progress(episodes or 16) as on_step:
+            report = play.play_backend(
+                engine,
+                settings,
+                cfg,
+                env_class,
+                spec,
+                mode or cfg.data.mode,
+                episodes=episodes or 16,
+                seed=cfg.ppo.seed if seed is None else seed,
+                batch_size=batch_size,
+                max_steps=max_steps,
+                output=output,
+                on_step=on_step,
+            )
+        if json_:
+            data = report.to_json()
+            data.update(backend=engine.name, model=engine.model_name, output=output)
+            console.print_json({**data, "adapter": str(info.path) if info else None})
+        else:
+            for line in play.render_summary(report):
+                console.print_text(line)
+            rows = [(e.index, e.seed, f"{e.ret:+.3f}", e.length, e.end) for e in report.episodes]
+            columns = ("episode", "seed", "return", "steps", "end")
+            console.out.print(console.table(None, columns, rows))
+            if output:
+                console.info(f"every step is in {output}")
+    elif plan is not None:
         todo = len(plan.todo[:limit] if limit else plan.todo)
         try:
             with batch.batch_progress(todo) as on_rows:
@@ -443,6 +557,19 @@ def infer(
             raise typer.Exit(1)
     elif engine is not None:
         session.ChatRepl(engine, spec, settings).run()
+
+
+def _environment_class(entrypoint: str | None, cfg: Any) -> type:
+    """`--env`, else the config's environment.entrypoint, imported and checked."""
+    from swallowctl.ppo.environment import load_environment_class
+
+    spec = entrypoint or (cfg.environment.entrypoint if cfg.environment else None)
+    if not spec:
+        raise UsageError(
+            "--episodes: which environment? Give --env package.module:Class",
+            hint="or a --config with environment.entrypoint",
+        )
+    return load_environment_class(spec, where="--env" if entrypoint else "environment.entrypoint")
 
 
 class ExportFormat(StrEnum):

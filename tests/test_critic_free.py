@@ -17,7 +17,7 @@ from swallowctl.cli import app
 from swallowctl.core.config import SwallowConfig, load_config
 from swallowctl.core.errors import ConfigError, UsageError
 from swallowctl.core.models import resolve
-from swallowctl.memory import estimate, settings_from_config
+from swallowctl.memory import Budget, estimate, settings_from_config, tune
 from swallowctl.memory.tuner import candidates, changes
 from swallowctl.ppo.critic_free import RUN_INFO, CriticFreeTrainer, check_trl_args
 from swallowctl.ppo.trainer import Interrupted, PPOTrainer
@@ -262,3 +262,82 @@ def test_tune_memory_models_the_group_and_no_critic() -> None:
     assert {c.rollout_batch for c in candidates(grpo)} == {8}
     smaller = grpo.but(micro_batch=1, grad_accum=8)
     assert "ppo.local_rollout_forward_batch_size" not in changes(grpo, smaller, False)
+
+
+def test_tune_memory_for_grpo_gives_up_samples_per_update_first() -> None:
+    arch = resolve("swallow-8b", local_files_only=True).architecture
+    cfg = load_config(
+        None,
+        (
+            "ppo.algorithm=grpo",
+            "ppo.num_generations=8",
+            "ppo.per_device_train_batch_size=4",
+            "ppo.grad_accum_steps=8",
+        ),
+    ).config
+    grpo = settings_from_config(cfg)
+    assert grpo.rollout_batch == 32  # 4 prompts x 8 answers, generated in one call
+    # TRL's fused LM head has no chunk to set: no candidate changes it.
+    assert {c.logits_chunk for c in candidates(grpo)} == {grpo.logits_chunk}
+    minimal = grpo.but(micro_batch=1, grad_accum=32)
+    budget = Budget(
+        estimate(arch, minimal.but(grad_accum=16, rollout_batch=16)).peak_bytes, "16 answers"
+    )
+    result = tune(arch, grpo, budget)
+    assert not result.fits
+    first = result.advice[0]
+    assert (first.key, first.current, first.value) == ("ppo.grad_accum_steps", 32, 16)
+    assert "16 answers per update, now 32" in first.text
+    # 24 answers (the next whole groups of 8) would not fit: 16 is the most.
+    assert estimate(arch, minimal.but(grad_accum=24, rollout_batch=24)).peak_bytes > budget.bytes
+
+
+def test_tune_memory_cli_shows_the_generation_batch_for_grpo() -> None:
+    r = CliRunner().invoke(
+        app,
+        [
+            "tune-memory",
+            "--vram",
+            "24",
+            "--set",
+            "ppo.algorithm=grpo",
+            "--set",
+            "ppo.num_generations=4",
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    now = next(line for line in r.stdout.splitlines() if line.startswith("now:"))
+    assert "generation batch 8 (2 prompts x 4)" in now and "logits chunk" not in now
+
+
+def test_grpo_prompts_are_cut_as_ppo_cuts_them(tmp_path: Path) -> None:
+    from swallowctl.ppo.rollout import fit_prompt
+
+    data = tmp_path / "long.jsonl"
+    long_prompt = "長い質問です。" * 200
+    data.write_text(
+        json.dumps({"prompt": long_prompt}, ensure_ascii=False)
+        + "\n"
+        + json.dumps({"prompt": "短い質問"}, ensure_ascii=False)
+        + "\n",
+        encoding="utf-8",
+    )
+    cfg = config(
+        tmp_path,
+        "ppo.algorithm=grpo",
+        f"data.prompts={data}",
+        "data.max_prompt_tokens=120",
+        "ppo.per_device_train_batch_size=2",
+    )
+    trainer = CriticFreeTrainer(cfg)
+    prompts = trainer.dataset["prompt"]
+    tok = trainer.tokenizer
+    lengths = [
+        len(
+            tok.apply_chat_template(p, tokenize=True, add_generation_prompt=True, return_dict=False)
+        )
+        for p in prompts
+    ]
+    assert lengths[0] <= 120 < len(long_prompt)
+    assert prompts[0] == fit_prompt(tok, trainer.bridge.rows[0].messages, 120)[0]
+    assert prompts[0][-1]["content"] in long_prompt and prompts[1][-1]["content"] == "短い質問"

@@ -43,6 +43,7 @@ def _debug_env() -> bool:
 class _State:
     verbose: bool = _debug_env()
     quiet: bool = False
+    secondary: bool = False  # a training process other than the main one (rank > 0)
 
 
 state = _State()
@@ -70,6 +71,12 @@ def setup_logging(*, verbose: bool = False, quiet: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+
+
+def be_secondary() -> None:
+    """A training process other than the main one: errors only, and none the main one reports."""
+    state.secondary = state.quiet = True
+    logging.getLogger("swallowctl").setLevel(logging.ERROR)
 
 
 # Libraries that warn about things users cannot act on. bitsandbytes on CPU says it could not
@@ -216,6 +223,8 @@ def report_error(e: BaseException) -> int:
     Known errors (SwallowError) are the user's to fix or a clear runtime failure; anything else is
     our bug: one line too, with the traceback only under --verbose / SWALLOWCTL_DEBUG=1.
     """
+    if state.secondary and getattr(e, "reported_by_main", False):
+        return getattr(e, "exit_code", 1)  # every process stopped on it; the main one says why
     if state.verbose:
         err.print("".join(traceback.format_exception(e)), markup=False, highlight=False)
     # Text objects, not markup: messages quote user input, which may contain [brackets].

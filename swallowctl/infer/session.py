@@ -43,8 +43,21 @@ def check_flags(
     json_: bool,
     batch_size: int,
     limit: int | None,
+    env: bool = False,
 ) -> None:
-    """Flag combinations that cannot work, refused before anything loads."""
+    """Flag combinations that cannot work, refused before anything loads.
+
+    `env`: episodes inside an environment (--env / --episodes), whose --output is a steps file.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    if env:
+        if prompt is not None or input_path is not None or limit is not None:
+            raise UsageError(
+                "--env plays episodes; it takes no --prompt, --input or --limit",
+                hint="e.g. --env my_env:MyEnv --episodes 32 [--output steps.jsonl] [--json]",
+            )
+        return
     if prompt is not None and input_path is not None:
         raise UsageError("--prompt and --input both given; answer one prompt or a file")
     if (input_path is None) != (output is None):
@@ -56,8 +69,6 @@ def check_flags(
         raise UsageError("--json needs --prompt or --input; the chat is interactive")
     if limit is not None and (input_path is None or limit < 1):
         raise UsageError("--limit N (N >= 1) goes with --input")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be at least 1")
 
 
 def resolve_mode(cfg: SwallowConfig, name: str | None, system: str | None) -> ModeSpec:

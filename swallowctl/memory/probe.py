@@ -1,8 +1,9 @@
 """`tune-memory --probe`: measure what the estimate predicts, on the real model, on CUDA.
 
-Runs one real rollout + PPO update (the trainer's own code) at the suggested settings and at one
-step larger, reads torch's peak allocated / reserved memory, and reports estimate vs measured.
-An OOM at the suggestion backs off (half the micro-batch) until a setting runs.
+Runs one real rollout + update (the configured trainer's own code: PPO, GRPO or RLOO) at the
+suggested settings and at one step larger, reads torch's peak allocated / reserved memory, and
+reports estimate vs measured. An OOM at the suggestion backs off (half the micro-batch) until a
+setting runs.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _measure(
 
     from swallowctl.memory.phases import estimate
     from swallowctl.memory.tuner import settings_from_config
-    from swallowctl.ppo.trainer import PPOTrainer
+    from swallowctl.ppo import trainer_class
 
     estimate_gib = estimate(result.architecture, settings_from_config(cfg)).peak_bytes / GIB
     with tempfile.TemporaryDirectory(prefix="swallowctl-probe-") as tmp:
@@ -92,20 +93,17 @@ def _measure(
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        trainer: Any = None
         oom = False
         try:
-            trainer = PPOTrainer(trial)
-            trainer._one_update(1)  # one rollout + one full PPO update, nothing saved
+            # One rollout + one whole update of the configured algorithm (PPO's or TRL's), then
+            # final/ in the temporary run directory; run() closes its own logs and rewards.
+            trainer_class(trial)(trial).run()
         except torch.cuda.OutOfMemoryError:
             oom = True
             log.warning("%s settings ran out of memory", label)
         finally:
             allocated = torch.cuda.max_memory_allocated() / GIB
             reserved = torch.cuda.max_memory_reserved() / GIB
-            if trainer is not None and trainer.runlog is not None:
-                trainer.runlog.close()
-            del trainer
             gc.collect()
             torch.cuda.empty_cache()
     return ProbeRun(label, changes, estimate_gib, allocated, reserved, oom)

@@ -63,11 +63,17 @@ def _legend() -> Text:
 
 def _settings_line(s: Settings) -> str:
     gc = "on" if s.gradient_checkpointing else "off"
+    batches = f"micro-batch {s.micro_batch} x grad-accum {s.grad_accum} (effective " + (
+        f"{s.micro_batch * s.grad_accum}), generation batch {s.rollout_batch} "
+        f"({s.rollout_batch // s.num_generations} prompts x {s.num_generations}), "
+        f"checkpointing {gc}"
+        if s.critic_free  # TRL: one generation call per update, no logits chunk to set
+        else f"{s.micro_batch * s.grad_accum}), rollout batch {s.rollout_batch}, "
+        f"checkpointing {gc}, logits chunk {s.logits_chunk}"
+    )
     return (
-        f"micro-batch {s.micro_batch} x grad-accum {s.grad_accum} "
-        f"(effective {s.micro_batch * s.grad_accum}), rollout batch {s.rollout_batch}, "
-        f"checkpointing {gc}, logits chunk {s.logits_chunk}; "
-        f"prompt {s.prompt_tokens} + response {s.response_tokens} tokens, LoRA r={s.lora_r}"
+        f"{batches}; prompt {s.prompt_tokens} + response {s.response_tokens} tokens, "
+        f"LoRA r={s.lora_r}"
     )
 
 
@@ -112,12 +118,21 @@ def _nothing_fits(result: TuneResult) -> list[RenderableType]:
         _legend(),
         Text.assemble(
             ("does not fit: ", "bold red"),
-            f"even micro-batch 1, rollout batch 1 and checkpointing on peak at "
+            f"even micro-batch 1, {_smallest_rollout(result)} and checkpointing on peak at "
             f"{_gib(est.peak_bytes)} GiB ({est.peak.title}) against {result.budget.gib:.2f} GiB",
         ),
     ]
     out += [Text.assemble(("give up: ", "bold yellow"), a.text) for a in result.advice]
     return out
+
+
+def _smallest_rollout(result: TuneResult) -> str:
+    s = result.current
+    if s.critic_free:
+        return (
+            f"the generation batch of {s.rollout_batch} answers (fixed by the samples per update)"
+        )
+    return "rollout batch 1"
 
 
 def to_json(result: TuneResult, written: list[str] | None = None) -> dict[str, Any]:

@@ -13,8 +13,9 @@ chunk size, each largest first) and the first that fits wins. More memory can on
 candidate fit, so the suggested micro-batch never shrinks as the budget grows.
 
 GRPO / RLOO (TRL) generate a whole update at once: their rollout batch is the samples per update
-(prompts x num_generations) whatever the micro-batch, so it is not a knob there; the other knobs
-are the same.
+(prompts x num_generations) whatever the micro-batch, so it is not a knob there, nor is the
+logits chunk (TRL's fused LM head has none); when nothing fits, fewer samples per update come
+first in what to give up.
 """
 
 from __future__ import annotations
@@ -286,9 +287,15 @@ def candidates(current: Settings, rollout_set: bool = True) -> Iterator[Settings
         rollout_start = current.rollout_batch if rollout_set else m
         # GRPO / RLOO: the rollout is the whole generation batch, fixed by the samples per update.
         rollouts = [current.rollout_batch] if current.critic_free else _halvings(rollout_start)
+        # ... and TRL's fused LM head has no logits chunk to set.
+        chunks = (
+            [current.logits_chunk]
+            if current.critic_free
+            else _halvings(current.logits_chunk, MIN_LOGITS_CHUNK)
+        )
         for f in rollouts:
             for gc in (False, True):
-                for chunk in _halvings(current.logits_chunk, MIN_LOGITS_CHUNK):
+                for chunk in chunks:
                     yield current.but(
                         micro_batch=m,
                         grad_accum=effective // m,
@@ -333,8 +340,9 @@ def changes(current: Settings, new: Settings, rollout_set: bool) -> dict[str, An
 def give_up(arch: Architecture, minimal: Settings, budget: Budget) -> list[Advice]:
     """For each length or size the user can lower, the largest value at which the minimal
     configuration fits; when no single one suffices, prompt and response shortened together;
-    when not even that does, how much memory the model needs at all."""
-    advice: list[Advice] = []
+    when not even that does, how much memory the model needs at all. GRPO / RLOO first: fewer
+    samples per update (their rollout holds every answer of the update at once)."""
+    advice: list[Advice] = [a for a in [_fewer_samples(arch, minimal, budget)] if a is not None]
     for key, field_, label in (
         ("generation.max_new_tokens", "response_tokens", "shorter answers"),
         ("data.max_prompt_tokens", "prompt_tokens", "shorter prompts"),
@@ -347,6 +355,28 @@ def give_up(arch: Architecture, minimal: Settings, budget: Budget) -> list[Advic
     if not advice:
         advice.extend(_shorten_both(arch, minimal, budget))
     return advice
+
+
+def _fewer_samples(arch: Architecture, minimal: Settings, budget: Budget) -> Advice | None:
+    """GRPO / RLOO: the most samples per update (grad_accum_steps at micro-batch 1) that fit,
+    keeping whole groups of num_generations answers."""
+    if not minimal.critic_free:
+        return None
+    mini_batches = minimal.rollout_batch // (minimal.micro_batch * minimal.grad_accum)
+    for k in range(minimal.grad_accum - 1, 0, -1):
+        samples = k * mini_batches
+        if samples % minimal.num_generations == 0 and _fits(
+            arch, minimal.but(grad_accum=k, rollout_batch=samples), budget
+        ):
+            return Advice(
+                "ppo.grad_accum_steps",
+                minimal.grad_accum,
+                k,
+                f"fewer samples per update: ppo.per_device_train_batch_size=1 and "
+                f"ppo.grad_accum_steps={k} ({samples} answers per update, now "
+                f"{minimal.rollout_batch})",
+            )
+    return None
 
 
 def _varying(base: Settings, name: str) -> Callable[[int], Settings]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
@@ -32,6 +32,8 @@ import torch
 
 KLEstimator = Literal["k1", "k3"]
 Schedule = Literal["constant", "linear", "cosine", "polynomial"]
+
+SumAll = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over every process
 
 WHITEN_EPS: Final = 1e-8  # TRL 1.12 masked_whiten: rsqrt(var + 1e-8)
 
@@ -70,15 +72,25 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return variance
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, sum_all: SumAll | None = None
+) -> torch.Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the real positions; padding returned as 0.
 
     x, mask: [B, T] (any equal shapes). mean and the unbiased var are taken over every real
     position of the whole tensor (the rollout batch), as TRL. shift_mean=False adds the mean
     back: scale only (TRL's reward whitening). TRL leaves padding whitened garbage and lets
     every caller mask it; we return 0 there because every caller wants that.
+    `sum_all` (an all-reduce sum over processes) takes mean and var over the batch of every
+    process, so N processes x B rows whiten as one process with N x B rows.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if sum_all is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        n = sum_all(mask.sum().to(x.dtype))
+        mean = sum_all(torch.where(mask, x, 0).sum()) / n.clamp(min=1)
+        var = sum_all(torch.where(mask, (x - mean) ** 2, 0).sum()) / n.clamp(min=1)
+        var = var * torch.where(n > 1, n / (n - 1).clamp(min=1), 1.0)
     whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
@@ -307,18 +319,22 @@ def gae(
     return advantages, advantages + v
 
 
-def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def whiten_advantages(
+    advantages: torch.Tensor, mask: torch.Tensor, sum_all: SumAll | None = None
+) -> torch.Tensor:
     """Advantages normalised to mean 0, variance 1 over the rollout batch's real tokens, 0 at
     padding (TRL 1.12: masked_whiten then masked_fill). [B, T] -> [B, T]."""
-    return masked_whiten(advantages, mask, shift_mean=True)
+    return masked_whiten(advantages, mask, shift_mean=True, sum_all=sum_all)
 
 
-def whiten_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def whiten_rewards(
+    rewards: torch.Tensor, mask: torch.Tensor, sum_all: SumAll | None = None
+) -> torch.Tensor:
     """Rewards scaled to variance 1 keeping their mean (TRL 1.12 `whiten_rewards`:
     masked_whiten(shift_mean=False)), 0 at padding. Applied before `gae`. [B, T] -> [B, T].
     TRL whitens over the mask extended one position past EOS (where it put the score); ours is
     the real tokens, where the score now is."""
-    return masked_whiten(rewards, mask, shift_mean=False)
+    return masked_whiten(rewards, mask, shift_mean=False, sum_all=sum_all)
 
 
 # --------------------------------------------------------------------------------------------

@@ -147,6 +147,9 @@ def _mapped_kwargs(cfg: SwallowConfig, staging: Path, *, cpu: bool) -> dict[str,
         "shuffle_dataset": cfg.data.shuffle,
         "gradient_checkpointing": p.gradient_checkpointing,
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        # Every LoRA parameter takes part in each forward: no extra DDP graph walk (nor its
+        # warning from every process).
+        "ddp_find_unused_parameters": False,
         # No autocast: the same fp32 stream as our PPO (and as tune-memory models it).
         "bf16": False,
         "fp16": False,
@@ -507,7 +510,6 @@ class CriticFreeTrainer:
 
         cfg = self.cfg
         rows = load_prompts(cfg.data.prompts, cfg.mode(), mode_name=cfg.data.mode)
-        self._warn_long_prompts(rows)
         rewards = RewardSet.from_config(
             cfg.rewards,
             device=self.device,
@@ -525,31 +527,19 @@ class CriticFreeTrainer:
             missing_eos_penalty=cfg.ppo.missing_eos_penalty,
         )
         self.dataset = Dataset.from_dict(
-            {"prompt": [r.messages for r in rows], ROW: list(range(len(rows)))}
+            {"prompt": self._fitted_prompts(rows), ROW: list(range(len(rows)))}
         )
 
-    def _warn_long_prompts(self, rows: Sequence[PromptRow]) -> None:
-        """TRL does not cut prompts (PPO keeps their last data.max_prompt_tokens): say so."""
+    def _fitted_prompts(self, rows: Sequence[PromptRow]) -> list[list[dict[str, str]]]:
+        """Each prompt cut to data.max_prompt_tokens as PPO cuts it (TRL cuts none)."""
+        from swallowctl.ppo.rollout import fit_prompt
+
         limit = self.cfg.data.max_prompt_tokens
-        lengths = [
-            len(
-                self.tokenizer.apply_chat_template(
-                    r.messages, tokenize=True, add_generation_prompt=True, return_dict=False
-                )
-            )
-            for r in rows
-        ]
-        longer = [n for n in lengths if n > limit]
-        if longer:
-            log.warning(
-                "%d of %d prompts are longer than data.max_prompt_tokens (%d, longest %d); "
-                "%s does not cut them: memory grows with the longest",
-                len(longer),
-                len(rows),
-                limit,
-                max(longer),
-                self.algorithm,
-            )
+        fitted = [fit_prompt(self.tokenizer, r.messages, limit)[0] for r in rows]
+        cut = sum(f is not r.messages for f, r in zip(fitted, rows, strict=True))
+        if cut:
+            log.info("%d of %d prompts cut to data.max_prompt_tokens (%d)", cut, len(rows), limit)
+        return fitted
 
     def _build_trainer(self) -> Any:
         import torch

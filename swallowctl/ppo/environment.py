@@ -40,7 +40,8 @@ its own slot's observation and stepped exactly once, with that observation's `st
 submitted as soon as their chunk of completions is generated and run in a thread pool
 (`concurrency`) while the trainer computes log-probs; the next observation of each slot (reset
 first when the episode ended) is fetched in the background during the PPO update. A slot never
-has two calls in flight.
+has two calls in flight. Greedy evaluation episodes (`ppo.enable_deterministic_eval`, and
+`swallowctl infer --env`) run in instances of their own: see `swallowctl.infer.episodes`.
 
 Failures: each call has `timeout_s`. An exception is retried `retries` times (same arguments):
 `step` must leave the environment unchanged when it raises, or use `retries: 0`. A call that times
@@ -54,23 +55,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import importlib
 import inspect
 import json
 import logging
 import math
-import os
 import random
-import re
-import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from swallowctl.core.errors import ConfigError, DataError, RuntimeFailure, SwallowError
 from swallowctl.core.modes import ModeSpec
+from swallowctl.core.userimport import import_attr
 from swallowctl.ppo.data import PromptRow, check_row, render_messages
 
 log = logging.getLogger(__name__)
@@ -164,8 +162,6 @@ def intervention_fields(
 
 # --- loading -------------------------------------------------------------------------------------
 
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
 
 def load_environment_class(spec: str, *, where: str = "environment.entrypoint") -> type:
     """Import `package.module:Class` (only that module) and check it has reset/observe/step.
@@ -177,38 +173,9 @@ def load_environment_class(spec: str, *, where: str = "environment.entrypoint") 
         ConfigError: a malformed spec, a module that cannot be imported, a missing attribute, or
             something that is not a class with the three methods.
     """
-    spec = spec.strip()
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not _DOTTED.match(module_name) or not _DOTTED.match(attr):
-        raise ConfigError(
-            f"{where}: '{spec}' is not package.module:Class",
-            hint="e.g. examples.intervention_env:InterventionEnv",
-        )
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise ConfigError(
-                f"{where}: cannot import '{module_name}' for '{spec}': no module named '{missing}'",
-                hint="run from the folder holding it, install its package, or set PYTHONPATH",
-            ) from None
-        raise ConfigError(
-            f"{where}: importing '{module_name}' for '{spec}' failed: it needs '{missing}', "
-            "which is not installed"
-        ) from e
-    except Exception as e:
-        raise ConfigError(
-            f"{where}: importing '{module_name}' for '{spec}' failed: {type(e).__name__}: {e}"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: '{module_name}' has no '{attr}' (from '{spec}')")
-        obj = getattr(obj, part)
+    obj = import_attr(
+        spec, where=where, kind="Class", example="examples.intervention_env:InterventionEnv"
+    )
     if not inspect.isclass(obj):
         raise ConfigError(
             f"{where}: '{spec}' is a {type(obj).__name__}, not a class",
@@ -326,6 +293,17 @@ def numeric_info(info: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def plain_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    """An `info` dict as valid JSON for the run's files: finite numbers, str, bool, None."""
+    out: dict[str, Any] = {}
+    for k, v in info.items():
+        if isinstance(v, bool | str) or v is None:
+            out[k] = v
+        elif isinstance(v, int | float):
+            out[k] = float(v) if math.isfinite(v) else None
+    return out
+
+
 def render_observation(obs: Observation, mode: ModeSpec, where: str) -> PromptRow:
     """The chat messages the policy is prompted with, and the columns reward functions receive.
 
@@ -422,6 +400,25 @@ def call(
     ) from last
 
 
+def reset(env: Any, seed: int, policy: CallPolicy, where: str) -> None:
+    """`env.reset(seed)` through `call`, checked to return None."""
+    value, _ = call(env, "reset", (seed,), policy, where)
+    check_none(value, where)
+
+
+def observe(env: Any, policy: CallPolicy, where: str) -> Observation:
+    """`env.observe()` through `call`, checked, with a copy of its state."""
+    value, _ = call(env, "observe", (), policy, where)
+    obs = check_observation(value, where)
+    try:
+        # The sample carries a copy: an environment that later edits the dict it returned
+        # (its own live state) cannot change the state the sample is scored against.
+        obs.state = copy.deepcopy(obs.state)
+    except Exception as e:  # a state holding something uncopyable is passed as it is
+        log.debug("%s: state not copied: %s", where, e)
+    return obs
+
+
 # --- the pool ------------------------------------------------------------------------------------
 
 
@@ -431,6 +428,11 @@ def episode_seed(seed: int, rank: int, slot: int, episode: int) -> int:
     String seeds go through SHA-512 in `random`, so this does not depend on PYTHONHASHSEED.
     """
     return random.Random(f"{seed}/{rank}/{slot}/{episode}").getrandbits(31)
+
+
+def eval_episode_seed(seed: int, episode: int) -> int:
+    """The seed of evaluation episode `episode`: apart from every training episode's."""
+    return random.Random(f"{seed}/eval/{episode}").getrandbits(31)
 
 
 @dataclass
@@ -510,7 +512,7 @@ class EnvPool:
     def _first_observation(self, slot: _Slot) -> Observation:
         if slot.restore is not None:
             state, slot.restore = slot.restore, None
-            value, _ = call(
+            call(
                 slot.env,
                 "load_state_dict",
                 (state,),
@@ -519,29 +521,18 @@ class EnvPool:
             )
         else:
             seed = episode_seed(self.seed, self.rank, slot.index, slot.episode)
-            value, _ = call(slot.env, "reset", (seed,), self.policy, self.where(slot, "reset"))
-            check_none(value, self.where(slot, "reset"))
+            reset(slot.env, seed, self.policy, self.where(slot, "reset"))
         return self._observe(slot)
 
     def _observe(self, slot: _Slot) -> Observation:
-        where = self.where(slot, "observe")
-        value, _ = call(slot.env, "observe", (), self.policy, where)
-        obs = check_observation(value, where)
-        try:
-            # The sample carries a copy: an environment that later edits the dict it returned
-            # (its own live state) cannot change the state the sample is scored against.
-            obs.state = copy.deepcopy(obs.state)
-        except Exception as e:  # a state holding something uncopyable is passed as it is
-            log.debug("%s: state not copied: %s", where, e)
-        return obs
+        return observe(slot.env, self.policy, self.where(slot, "observe"))
 
     def _next_observation(self, slot: _Slot, done: bool) -> Observation:
         if done:
             slot.episode += 1
             slot.steps, slot.ret = 0, 0.0
             seed = episode_seed(self.seed, self.rank, slot.index, slot.episode)
-            value, _ = call(slot.env, "reset", (seed,), self.policy, self.where(slot, "reset"))
-            check_none(value, self.where(slot, "reset"))
+            reset(slot.env, seed, self.policy, self.where(slot, "reset"))
         return self._observe(slot)
 
     def start(self) -> None:
@@ -680,16 +671,22 @@ class EnvPool:
         """Stop the workers and call each environment's close(), if it has one (errors logged)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         for slot in self.slots:
-            if callable(getattr(slot.env, "close", None)):
-                try:
-                    call_with_timeout(slot.env.close, (), self.policy.timeout_s)
-                except Exception as e:  # closing must not hide the error that ended a run
-                    log.warning("%s.close (slot %d): %s", self.name, slot.index, e)
+            close(slot.env, f"{self.name}.close (slot {slot.index})", self.policy.timeout_s)
 
 
-def collect(
-    futures: Sequence[concurrent.futures.Future[StepOutcome] | StepOutcome],
-) -> list[StepOutcome]:
+def close(env: Any, where: str, timeout_s: float) -> None:
+    """`env.close()` if it has one; a failure is logged, never raised."""
+    if callable(getattr(env, "close", None)):
+        try:
+            call_with_timeout(env.close, (), timeout_s)
+        except Exception as e:  # closing must not hide the error that ended a run
+            log.warning("%s: %s", where, e)
+
+
+T = TypeVar("T")
+
+
+def collect(futures: Sequence[concurrent.futures.Future[T] | T]) -> list[T]:
     """Wait for every step; on the first failure, cancel the steps not started yet and raise.
 
     Of the failures seen by then, the first in sample order is raised. Not waiting for the rest:
@@ -709,6 +706,75 @@ def collect(
 
 # --- metrics of one update (a window: nothing here accumulates across updates) -------------------
 
+# A metric as (sum, count): tallies of several processes (or episodes) add up key by key, so
+# their merge is the exact mean over everything, and a key seen on one process only still ends
+# up on all of them (a reduction over differing key sets would pair the wrong values, or hang).
+Tally = dict[str, tuple[float, float]]
+TOTALS = ("env/steps", "env/episodes")  # reported as sums, not means
+
+
+def merge_tallies(parts: Iterable[Tally]) -> Tally:
+    """Add tallies key by key (keys sorted, so every process builds the same dict)."""
+    out: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for key, (s, c) in part.items():
+            s0, c0 = out.get(key, (0.0, 0.0))
+            out[key] = (s0 + s, c0 + c)
+    return dict(sorted(out.items()))
+
+
+def finish_tally(tally: Tally) -> dict[str, float]:
+    """Means (sums for `TOTALS`); NaN where nothing was counted."""
+    return {
+        key: s if key in TOTALS else (s / c if c else math.nan) for key, (s, c) in tally.items()
+    }
+
+
+def reduce_tally(tally: Tally, num_processes: int) -> dict[str, float]:
+    """The metrics of every process's tally together, the same on each process.
+
+    A collective (accelerate's `gather_object`) when `num_processes > 1`: every process must
+    call it at the same point. Tallies are added before taking means, so a key one process has
+    not seen (an info key, no finished episode) cannot unbalance a later mean all-reduce.
+    """
+    if num_processes > 1:
+        from accelerate.utils import gather_object
+
+        tally = merge_tallies(gather_object([tally]))
+    return finish_tally(tally)
+
+
+def choice_tally(
+    texts: Sequence[str],
+    mode: ModeSpec,
+    correct: Sequence[str | None] | None = None,
+    *,
+    graded: bool = False,
+) -> Tally:
+    """`choice_metrics` as a tally: every label of the mode and `choice/accuracy` always present."""
+    from swallowctl.ppo.rewards import parse_choice
+
+    choices = mode.choices or {}
+    n = float(len(texts))
+    keys = [parse_choice(t, choices) for t in texts]
+    labels = [choices[k] if k is not None else None for k in keys]
+    out: dict[str, tuple[float, float]] = {
+        f"choice/{label}": (float(labels.count(label)), n)
+        for label in dict.fromkeys(choices.values())
+    }
+    out["choice/output_error"] = (float(labels.count(None)), n)
+    truth = list(correct) if correct is not None else [None] * len(texts)
+    known = [
+        (k, label, c) for k, label, c in zip(keys, labels, truth, strict=True) if c is not None
+    ]
+    # Output errors the environment was not asked about are wrong answers too: leaving them out
+    # would let a policy that rarely answers look accurate.
+    unasked = sum(k is None and c is None for k, c in zip(keys, truth, strict=True))
+    right = sum(c in (k, label) for k, label, c in known if k is not None)
+    graded = graded or bool(known)
+    out["choice/accuracy"] = (float(right), float(len(known) + unasked)) if graded else (0.0, 0.0)
+    return out
+
 
 def choice_metrics(
     texts: Sequence[str],
@@ -725,27 +791,33 @@ def choice_metrics(
     when any answer in the window is known, or when `graded` says the environment reports right
     answers at all. Otherwise `choice/accuracy` is NaN (no value).
     """
-    from swallowctl.ppo.rewards import parse_choice
+    return finish_tally(choice_tally(texts, mode, correct, graded=graded))
 
-    choices = mode.choices or {}
-    n = max(len(texts), 1)
-    keys = [parse_choice(t, choices) for t in texts]
-    labels = [choices[k] if k is not None else None for k in keys]
-    out = {f"choice/{label}": 0.0 for label in dict.fromkeys(choices.values())}
-    for label in labels:
-        if label is not None:
-            out[f"choice/{label}"] += 1 / n
-    out["choice/output_error"] = sum(label is None for label in labels) / n
-    truth = list(correct) if correct is not None else [None] * len(texts)
-    known = [
-        (k, label, c) for k, label, c in zip(keys, labels, truth, strict=True) if c is not None
-    ]
-    # Output errors the environment was not asked about are wrong answers too: leaving them out
-    # would let a policy that rarely answers look accurate.
-    unasked = sum(k is None and c is None for k, c in zip(keys, truth, strict=True))
-    right = sum(c in (k, label) for k, label, c in known if k is not None)
-    graded = graded or bool(known)
-    out["choice/accuracy"] = right / (len(known) + unasked) if graded else math.nan
+
+def env_tally(
+    outcomes: Sequence[StepOutcome], texts: Sequence[str], mode: ModeSpec, *, graded: bool = False
+) -> Tally:
+    """`env_metrics` as a tally, to merge across processes before taking the means."""
+    stepped = [o for o in outcomes if o.reward is not None]
+    finished = [o.finished for o in outcomes if o.finished is not None]
+    out: dict[str, tuple[float, float]] = {
+        "env/steps": (float(len(stepped)), 1.0),
+        "env/reward": (sum(o.reward or 0.0 for o in stepped), float(len(stepped))),
+        "env/episodes": (float(len(finished)), 1.0),
+        "env/episode_return": (sum(r for r, _ in finished), float(len(finished))),
+        "env/episode_length": (float(sum(n for _, n in finished)), float(len(finished))),
+        "env/step_s": (sum(o.seconds for o in stepped), float(len(stepped))),
+    }
+    info: dict[str, list[float]] = {}
+    for o in stepped:
+        for k, v in numeric_info(o.info).items():
+            info.setdefault(k, []).append(v)
+    out.update({f"env/info/{k}": (sum(v), float(len(v))) for k, v in info.items()})
+    if mode.choices:
+        correct = [
+            None if o.info.get(CORRECT_KEY) is None else str(o.info[CORRECT_KEY]) for o in outcomes
+        ]
+        out.update(choice_tally(texts, mode, correct, graded=graded))
     return out
 
 
@@ -756,30 +828,10 @@ def env_metrics(
 
     `env/episode_return` and `env/episode_length` average the episodes that ended in this update
     (NaN when none did; `env/episodes` counts them). `env/info/<key>` averages the numeric
-    `info` values of this update's steps.
+    `info` values of this update's steps. With several processes, merge their `env_tally`s
+    instead (`merge_tallies`, then `finish_tally`).
     """
-    stepped = [o for o in outcomes if o.reward is not None]
-    finished = [o.finished for o in outcomes if o.finished is not None]
-    nan = math.nan
-    out: dict[str, float] = {
-        "env/steps": float(len(stepped)),
-        "env/reward": sum(o.reward or 0.0 for o in stepped) / len(stepped) if stepped else nan,
-        "env/episodes": float(len(finished)),
-        "env/episode_return": sum(r for r, _ in finished) / len(finished) if finished else nan,
-        "env/episode_length": sum(n for _, n in finished) / len(finished) if finished else nan,
-        "env/step_s": sum(o.seconds for o in stepped) / len(stepped) if stepped else nan,
-    }
-    sums: dict[str, list[float]] = {}
-    for o in stepped:
-        for k, v in numeric_info(o.info).items():
-            sums.setdefault(k, []).append(v)
-    out.update({f"env/info/{k}": sum(v) / len(v) for k, v in sums.items()})
-    if mode.choices:
-        correct = [
-            None if o.info.get(CORRECT_KEY) is None else str(o.info[CORRECT_KEY]) for o in outcomes
-        ]
-        out.update(choice_metrics(texts, mode, correct, graded=graded))
-    return out
+    return finish_tally(env_tally(outcomes, texts, mode, graded=graded))
 
 
 # --- env check -----------------------------------------------------------------------------------

@@ -101,7 +101,23 @@ def load_base(resolved: ResolvedModel, cfg: SwallowConfig, precision: Precision)
     except ImportError as e:
         raise MissingDependencyError("bitsandbytes", "train", "4-bit loading") from e
     model.config.use_cache = False  # training forwards; generation turns it on per call
+    if precision.load_in_4bit and precision.device == "cpu":
+        _keep_4bit_differentiable(model)
     return model
+
+
+def _keep_4bit_differentiable(model: Any) -> None:
+    """Keep bitsandbytes' CPU 4-bit Linears on their autograd path.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit's weight at its first
+    eval-mode, no-grad forward (our rollout) and from then on multiplies through `gemv_4bit`,
+    which has no backward: the update's gradient through every frozen base Linear is silently
+    dropped (only the residual stream carries any), so LoRA adapters below the top layer train
+    on a wrong gradient. Off, every forward dequantizes and backpropagates as on CUDA.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_adapters(base: Any, cfg: SwallowConfig, precision: Precision) -> PeftModel:

@@ -27,14 +27,12 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import difflib
-import importlib
 import inspect
 import json
 import logging
 import math
 import os
 import re
-import sys
 import threading
 import time
 import unicodedata
@@ -48,6 +46,7 @@ from typing import Any
 from swallowctl.core.config import RewardSpec
 from swallowctl.core.errors import ConfigError, DataError, RuntimeFailure, SwallowError
 from swallowctl.core.modes import BUILTIN_MODES, ModeSpec
+from swallowctl.core.userimport import import_attr
 from swallowctl.ppo.data import RESERVED_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -314,8 +313,6 @@ _MODE_FILLED: dict[RewardFunction, tuple[str, ...]] = {
 
 # --- loading user functions ---------------------------------------------------------------------
 
-_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
 
 def load_reward_function(spec: str, *, index: int | None = None) -> RewardFunction:
     """A built-in reward by name, or `package.module:function` from the user's code.
@@ -339,37 +336,9 @@ def load_reward_function(spec: str, *, index: int | None = None) -> RewardFuncti
             f"{where}: unknown built-in reward '{spec}'",
             hint=f"{tip}built-ins: {', '.join(BUILTIN_REWARDS)}; or give package.module:function",
         )
-    module_name, _, attr = spec.partition(":")
-    if not _DOTTED.match(module_name) or not _DOTTED.match(attr):
-        raise ConfigError(
-            f"{where}: '{spec}' is not package.module:function",
-            hint="e.g. my_rewards:score for score() in my_rewards.py",
-        )
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        missing = e.name or ""
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise ConfigError(
-                f"{where}: cannot import '{module_name}' for '{spec}': no module named '{missing}'",
-                hint="run from the folder holding it, install its package, or set PYTHONPATH",
-            ) from None
-        raise ConfigError(
-            f"{where}: importing '{module_name}' for '{spec}' failed: it needs '{missing}', "
-            "which is not installed"
-        ) from e
-    except Exception as e:
-        raise ConfigError(
-            f"{where}: importing '{module_name}' for '{spec}' failed: {type(e).__name__}: {e}"
-        ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: '{module_name}' has no '{attr}' (from '{spec}')")
-        obj = getattr(obj, part)
+    obj = import_attr(
+        spec, where=where, kind="function", example="my_rewards:score for score() in my_rewards.py"
+    )
     if inspect.isclass(obj) or not callable(obj):
         kind = "a class" if inspect.isclass(obj) else f"a {type(obj).__name__}"
         raise ConfigError(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from swallowctl.core.config import GenerationSection
+from swallowctl.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -54,14 +55,59 @@ class Batch:
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]], max_tokens: int
 ) -> list[list[int]]:
-    """Chat template + tokenize; prompts longer than `max_tokens` keep their end (the question)."""
-    out = []
-    for messages in conversations:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # The template already wrote BOS as text: adding special tokens again would double it.
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        out.append(list(ids[-max_tokens:]))
-    return out
+    """Chat template + tokenize, each prompt cut to `max_tokens` by `fit_prompt`."""
+    return [fit_prompt(tokenizer, messages, max_tokens)[1] for messages in conversations]
+
+
+def fit_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[list[dict[str, str]], list[int]]:
+    """The conversation cut so that its chat-templated prompt fits in `max_tokens`, and its ids.
+
+    The end (the question) is kept: the oldest turns go first, then the start of the oldest
+    turn left. The system prompt and the template's own tokens (BOS, headers) stay whole;
+    cutting the token ids instead would drop them. PPO and GRPO/RLOO both cut here.
+    """
+    ids = _template_ids(tokenizer, messages)
+    if len(ids) <= max_tokens:
+        return messages, ids
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(head) :]
+    while len(turns) > 1:
+        turns = turns[1:]
+        ids = _template_ids(tokenizer, head + turns)
+        if len(ids) <= max_tokens:
+            return head + turns, ids
+    last = turns[0]
+    content = tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+
+    def keeping(k: int) -> list[dict[str, str]]:
+        tail = str(tokenizer.decode(content[len(content) - k :])) if k else ""
+        # A cut inside a multi-byte character decodes to U+FFFD: drop that partial character.
+        return [*head, {**last, "content": tail.lstrip("\ufffd")}]
+
+    lo, hi = 0, len(content)  # the largest k whose prompt fits: prompt length grows with k
+    ids = _template_ids(tokenizer, keeping(0))
+    if len(ids) > max_tokens:
+        raise ConfigError(
+            f"data.max_prompt_tokens: {max_tokens} tokens, but the chat template and system "
+            f"prompt alone take {len(ids)}",
+            hint="raise data.max_prompt_tokens, or shorten the mode's system prompt",
+        )
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(_template_ids(tokenizer, keeping(mid))) <= max_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    fitted = keeping(lo)
+    return fitted, _template_ids(tokenizer, fitted)
+
+
+def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already wrote BOS as text: adding special tokens again would double it.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ Prefixes: `b_` the whole rollout batch, `mb_` a mini-batch, `micro_` a micro-bat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from swallowctl import __version__
 from swallowctl.core.config import BatchSizes, SwallowConfig, dump_config, render_yaml
@@ -157,7 +158,9 @@ class PPOTrainer:
         self.cfg = cfg
         self.on_update = on_update or (lambda _u, _m: None)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.device = str(self.accelerator.device)
+        device = self.accelerator.device
+        # Several CPU processes get `cpu:0`, which safetensors refuses as a device name.
+        self.device = "cpu" if device.type == "cpu" else str(device)
         self.plan = make_plan(cfg, self.accelerator.num_processes)
         self.run_dir = Path(cfg.output.dir)
         self.start_update = 0
@@ -192,18 +195,46 @@ class PPOTrainer:
         if self.accelerator.is_main_process and self.run_dir.exists():
             checkpoint.recover(self.run_dir)  # a `final/` or `best/` whose replacement was cut
         found = checkpoint.latest(self.run_dir) if self.run_dir.exists() else None
+        if resume and self.accelerator.state.deepspeed_plugin is not None:
+            self._raise(
+                UsageError(
+                    "--resume with --deepspeed is not built yet: ZeRO splits the optimizer state "
+                    "across processes and checkpoints hold the main process's part only",
+                    hint="train without --deepspeed for resumable runs (the adapter of every "
+                    "checkpoint-N still works with infer and export)",
+                )
+            )
         if resume:
             if found is None:
                 log.warning(
                     "--resume: no complete checkpoint in %s; starting from the start", self.run_dir
                 )
+            else:
+                self._check_process_count(found)
             return found
         if found is not None or (self.run_dir / FINAL).exists():
-            raise UsageError(
-                f"{self.run_dir} already holds a run",
-                hint="pass --resume to continue it, or set output.dir to a new directory",
+            self._raise(
+                UsageError(
+                    f"{self.run_dir} already holds a run",
+                    hint="pass --resume to continue it, or set output.dir to a new directory",
+                )
             )
         return None
+
+    def _check_process_count(self, path: Path) -> None:
+        """Data shards, RNG states and environments are per process: the count must not change."""
+        import json
+
+        then = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8"))["num_processes"]
+        now = self.accelerator.num_processes
+        if then != now:
+            how = "without --num-processes" if then == 1 else f"with --num-processes {then}"
+            self._raise(
+                UsageError(
+                    f"{path} was written by {then} process(es); this run has {now}",
+                    hint=f"resume {how}, or start a new run in another output.dir",
+                )
+            )
 
     def _seed(self, seed: int) -> None:
         import numpy as np
@@ -284,11 +315,7 @@ class PPOTrainer:
             )
         self.eval_rows = []
         self.best_value = -math.inf
-        if cfg.ppo.enable_deterministic_eval:
-            log.warning(
-                "ppo.enable_deterministic_eval: greedy evaluation inside an environment is not "
-                "built yet; no eval/* metrics in this run"
-            )
+        self.env_class = load_environment_class(env.entrypoint)
         self.rewards = (
             RewardSet.from_config(
                 cfg.rewards,
@@ -302,7 +329,7 @@ class PPOTrainer:
             else None
         )
         self.env_pool = EnvPool(
-            load_environment_class(env.entrypoint),
+            self.env_class,
             env.settings,
             cfg.user_sections,
             num_envs=env.num_envs or per_process,
@@ -329,7 +356,23 @@ class PPOTrainer:
                 step, total_steps, warmup, cfg.ppo.lr_scheduler_type, cfg.ppo.min_lr_ratio
             ),
         )
+        self._accum_scale = self._configure_deepspeed()
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+    def _configure_deepspeed(self) -> int:
+        """`--deepspeed zero2`: our batch sizes and clipping in DeepSpeed's config (no dataloader
+        tells Accelerate). Returns what the loss is multiplied by: DeepSpeed divides it by its
+        accumulation steps itself, and our micro-batch losses already carry that share."""
+        plugin = self.accelerator.state.deepspeed_plugin
+        if plugin is None:
+            return 1
+        p = self.cfg.ppo
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=p.per_device_train_batch_size,
+            gradient_accumulation_steps=p.grad_accum_steps,
+            gradient_clipping=p.max_grad_norm,
+        )
+        return p.grad_accum_steps
 
     def _build_controllers(self) -> None:
         p = self.cfg.ppo
@@ -380,16 +423,17 @@ class PPOTrainer:
                     last = self._one_update(update)
                     self.on_update(update, last)
                     self._keep_best(update, last)
-                    saved = self._should_save(update)
-                    if saved:
+                    # A signal may reach one process only: all stop after the same update.
+                    requested = self._first_across(signals.requested)
+                    if self._should_save(update) or requested:
                         self._save(update)
-                    if signals.requested:
-                        if not saved:
-                            self._save(update)
-                        raise Interrupted(
-                            f"stopped by {signals.requested} after update {update}; "
-                            f"checkpoint-{update} saved in {self.run_dir}",
-                            hint="run the same command again with --resume to continue",
+                    if requested:
+                        self._raise(
+                            Interrupted(
+                                f"stopped by {requested} after update {update}; "
+                                f"checkpoint-{update} saved in {self.run_dir}",
+                                hint="run the same command again with --resume to continue",
+                            )
                         )
                     if self.monitor is not None and self.monitor.update(last["policy/entropy_avg"]):
                         stopped = f"entropy stayed below {self.cfg.ppo.entropy_floor}"
@@ -407,14 +451,7 @@ class PPOTrainer:
         import torch
 
         t0 = time.perf_counter()
-        if self.env_pool is not None:
-            b = self._env_rollout()
-        else:
-            assert self.stream is not None
-            rows = self.stream.next_batch(
-                self.plan.sizes.samples_per_update // self.accelerator.num_processes
-            )
-            b = self._rollout(rows)
+        b = self._together(self._any_rollout)  # a reward function or environment may fail
         t1 = time.perf_counter()
         stats = self._optimize(b)
         t2 = time.perf_counter()
@@ -430,12 +467,25 @@ class PPOTrainer:
             stats["memory/peak_bytes"] = float(torch.cuda.max_memory_allocated())
         self._update_controllers(stats)
         if self._eval_due(update):
-            stats.update(self._evaluate())
-        if self.runlog is not None:
-            self.runlog.metrics(update, stats)
-            if update % self.cfg.logging.steps == 0:
-                self.runlog.samples(update, b["samples"][: self.cfg.logging.num_samples])
+            stats.update(self._reduce(self._together(self._evaluate)))
+        # The main process writes; if its disk fails, the others must not wait on it.
+        self._together(lambda: self._log(update, stats, b["samples"]), main_only=True)
         return stats
+
+    def _log(self, update: int, stats: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        assert self.runlog is not None
+        self.runlog.metrics(update, stats)
+        if update % self.cfg.logging.steps == 0:
+            self.runlog.samples(update, samples[: self.cfg.logging.num_samples])
+
+    def _any_rollout(self) -> dict[str, Any]:
+        if self.env_pool is not None:
+            return self._env_rollout()
+        assert self.stream is not None
+        rows = self.stream.next_batch(
+            self.plan.sizes.samples_per_update // self.accelerator.num_processes
+        )
+        return self._rollout(rows)
 
     # --- rollout and scoring ----------------------------------------------------------------
 
@@ -521,7 +571,12 @@ class PPOTrainer:
         """
         import torch
 
-        from swallowctl.ppo.environment import collect, env_metrics, render_observation
+        from swallowctl.ppo.environment import (
+            collect,
+            env_tally,
+            plain_info,
+            render_observation,
+        )
         from swallowctl.ppo.rewards import parse_choice
 
         pool, mode = self.env_pool, self.mode
@@ -572,7 +627,7 @@ class PPOTrainer:
             components.update(extra[1])
         elif self.cfg.ppo.missing_eos_penalty is not None:
             scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
-        metrics = env_metrics(outcomes, texts, mode, graded=pool.reports_correct)
+        metrics = self._merged(env_tally(outcomes, texts, mode, graded=pool.reports_correct))
         metrics["env/observe_wait_s"] = t_observed - t0
         metrics["env/step_wait_s"] = t_done - t_waiting
         return {
@@ -595,7 +650,7 @@ class PPOTrainer:
                     "episode": o.episode,
                     "step": o.step,
                     "done": o.done,
-                    "info": _plain(o.info),
+                    "info": plain_info(o.info),
                 }
                 for i, (r, t, s, k, o) in enumerate(
                     zip(rows, texts, scores.tolist(), keys, outcomes, strict=True)
@@ -657,19 +712,16 @@ class PPOTrainer:
 
     def _eval_due(self, update: int) -> bool:
         p = self.cfg.ppo
-        if self.env_pool is not None:
-            return False  # greedy evaluation in an environment: not built yet (warned at start)
         return p.enable_deterministic_eval and update % p.deterministic_eval_frequency == 0
 
-    def _evaluate(self) -> dict[str, float]:
-        """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
+    def _greedy(self, conversations: list[list[dict[str, str]]]) -> Any:
+        """Greedy answers, `per_device_eval_batch_size` prompts per generate call."""
         from swallowctl.ppo import rollout
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.eval()
-        rows = self.eval_rows
         prompts = rollout.encode_prompts(
-            self.tokenizer, [r.messages for r in rows], self.cfg.data.max_prompt_tokens
+            self.tokenizer, conversations, self.cfg.data.max_prompt_tokens
         )
         size = self.cfg.ppo.per_device_eval_batch_size
         pieces = []
@@ -686,7 +738,14 @@ class PPOTrainer:
                     greedy=True,
                 )
             )
-        batch = rollout.concat(pieces, self.pad_id)
+        return rollout.concat(pieces, self.pad_id)
+
+    def _evaluate(self) -> dict[str, float]:
+        """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
+        if self.env_pool is not None:
+            return self._env_evaluate()
+        rows = self.eval_rows
+        batch = self._greedy([r.messages for r in rows])
         texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
         scores, components = self._rewards(rows, batch, texts)
         out = {"eval/score": float(scores.mean())}
@@ -695,6 +754,48 @@ class PPOTrainer:
             out[f"eval/{label}"] = sum(finite) / len(finite) if finite else float("nan")
         return out
 
+    def _env_evaluate(self) -> dict[str, float]:
+        """Greedy episodes in fresh environments, the same seeds every time: `eval/*` metrics.
+
+        `per_device_eval_batch_size` episodes per process, played side by side (process r plays
+        episodes r, r + P, ...); the training pool is not touched. `eval/score` is the mean
+        episode return, so `output.best_metric`'s default keeps the best adapter here too.
+        """
+        from swallowctl.infer.episodes import play_episodes
+        from swallowctl.ppo.environment import CallPolicy
+
+        cfg, env, acc = self.cfg, self.cfg.environment, self.accelerator
+        assert env is not None
+        size = cfg.ppo.per_device_eval_batch_size
+        world, rank = acc.num_processes, acc.process_index
+
+        def generate(conversations: list[list[dict[str, str]]]) -> list[str]:
+            batch = self._greedy(conversations)
+            return list(self.tokenizer.batch_decode(batch.response, skip_special_tokens=True))
+
+        report = play_episodes(
+            self.env_class,
+            env.settings,
+            cfg.user_sections,
+            self.mode,
+            generate,
+            episodes=range(rank, size * world, world),
+            seed=cfg.ppo.seed,
+            mode_name=cfg.data.mode,
+            policy=CallPolicy(timeout_s=env.timeout_s, retries=env.retries),
+            parallel=size,
+            concurrency=env.concurrency,
+        )
+        out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(report.tally).items()}
+        out["eval/score"] = out["eval/episode_return"]
+        return out
+
+    def _merged(self, tally: Any) -> dict[str, float]:
+        """Environment metrics over every process: the same keys and values on each of them."""
+        from swallowctl.ppo.environment import reduce_tally
+
+        return reduce_tally(tally, self.accelerator.num_processes)
+
     def _keep_best(self, update: int, metrics: dict[str, float]) -> None:
         """`best/`: the adapter with the highest `output.best_metric` seen so far."""
         name = self.cfg.output.best_metric
@@ -702,13 +803,15 @@ class PPOTrainer:
         if value is None or not math.isfinite(value) or value <= self.best_value:
             return
         self.best_value = value
-        if self.accelerator.is_main_process:
-            checkpoint.save(
+        self._together(
+            lambda: checkpoint.save(
                 self.run_dir,
                 BEST,
                 write_model=self._write_model,
                 state={"update": update, name: value},
-            )
+            ),
+            main_only=True,
+        )
 
     # --- advantages and the PPO update -------------------------------------------------------
 
@@ -720,10 +823,12 @@ class PPOTrainer:
         rewards, non_score, kl = algo.shape_rewards(
             b["scores"], b["logprobs"], b["ref_logprobs"], mask, self.kl_coef, p.kl_estimator
         )
+        # Statistics of the global batch: N processes x B rows learn as one process with N x B.
+        sum_all = self._sum_all if self.accelerator.num_processes > 1 else None
         if p.whiten_rewards:
-            rewards = algo.whiten_rewards(rewards, mask)
+            rewards = algo.whiten_rewards(rewards, mask, sum_all)
         advantages, returns = algo.gae(rewards, b["values"], mask, p.gamma, p.lam)
-        advantages = algo.whiten_advantages(advantages, mask)
+        advantages = algo.whiten_advantages(advantages, mask, sum_all)
 
         stats = self._epochs(batch, b, advantages, returns)
         objective = algo.rollout_metrics(b["scores"], b["logprobs"], kl, non_score, mask)
@@ -743,7 +848,7 @@ class PPOTrainer:
         """`ppo_epochs` x shuffled mini-batches x micro-batches with gradient accumulation."""
         import torch
 
-        p, g = self.cfg.ppo, self.cfg.generation
+        p = self.cfg.ppo
         n = batch.response.shape[0]
         micro = self.plan.sizes.micro_batch
         mini = n // p.num_mini_batches
@@ -755,38 +860,14 @@ class PPOTrainer:
                 mb_idx = perm[mb_start : mb_start + mini]
                 for micro_start in range(0, len(mb_idx), micro):
                     idx = mb_idx[micro_start : micro_start + micro]
-                    part = batch.rows(idx)
-                    new_lp, new_v, ent = self.model(
-                        part.input_ids,
-                        part.attention_mask,
-                        part.context_length,
-                        g.temperature,
-                        g.top_p,
-                        p.logits_chunk_size,
-                        with_values=True,
-                    )
-                    m = part.response_mask
-                    pg = algo.policy_loss(
-                        new_lp, b["logprobs"][idx], advantages[idx], m, p.cliprange
-                    )
-                    vf = algo.value_loss(
-                        new_v, b["values"][idx], returns[idx], m, p.cliprange_value
-                    )
-                    bonus = algo.entropy_bonus(ent, m, self.entropy_coef, p.max_entropy_bonus)
-                    loss = pg.loss + p.vf_coef * vf.loss - bonus
-                    if not torch.isfinite(loss):
-                        self._abort_nan(float(loss.detach()))
-                    self.accelerator.backward(loss * len(idx) / len(mb_idx))
-                    for k, v in (
-                        ("policy/approxkl_avg", pg.approxkl),
-                        ("policy/clipfrac_avg", pg.clipfrac),
-                        ("loss/policy_avg", pg.loss),
-                        ("loss/value_avg", vf.loss),
-                        ("val/clipfrac_avg", vf.clipfrac),
-                        ("val/ratio", pg.ratio_mean),
-                        ("policy/entropy_avg", algo.masked_mean(ent, m)),
+                    last_micro = micro_start + micro >= len(mb_idx)
+                    # Gradients are all-reduced once per mini-batch, on its last micro-batch.
+                    with (
+                        contextlib.nullcontext()
+                        if last_micro
+                        else self.accelerator.no_sync(self.model)
                     ):
-                        acc.setdefault(k, []).append(float(v.detach()))
+                        self._micro_step(batch, b, advantages, returns, idx, len(mb_idx), acc)
                 self.accelerator.clip_grad_norm_(self.model.parameters(), p.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
@@ -796,9 +877,52 @@ class PPOTrainer:
         out["val/ratio_var"] = float(torch.tensor(ratios).var()) if len(ratios) > 1 else 0.0
         return out
 
-    def _abort_nan(self, value: float) -> None:
+    def _micro_step(
+        self,
+        batch: Any,
+        b: dict[str, Any],
+        advantages: Any,
+        returns: Any,
+        idx: Any,
+        mini: int,
+        acc: dict[str, list[float]],
+    ) -> None:
+        """Forward and backward of one micro-batch; its loss counts len(idx) / mini."""
+        import torch
+
+        p, g = self.cfg.ppo, self.cfg.generation
+        part = batch.rows(idx)
+        new_lp, new_v, ent = self.model(
+            part.input_ids,
+            part.attention_mask,
+            part.context_length,
+            g.temperature,
+            g.top_p,
+            p.logits_chunk_size,
+            with_values=True,
+        )
+        m = part.response_mask
+        pg = algo.policy_loss(new_lp, b["logprobs"][idx], advantages[idx], m, p.cliprange)
+        vf = algo.value_loss(new_v, b["values"][idx], returns[idx], m, p.cliprange_value)
+        bonus = algo.entropy_bonus(ent, m, self.entropy_coef, p.max_entropy_bonus)
+        loss = pg.loss + p.vf_coef * vf.loss - bonus
+        finite = bool(torch.isfinite(loss))
+        self._agree(None if finite else self._nan_error(float(loss.detach())))
+        self.accelerator.backward(loss * len(idx) / mini * self._accum_scale)
+        for k, v in (
+            ("policy/approxkl_avg", pg.approxkl),
+            ("policy/clipfrac_avg", pg.clipfrac),
+            ("loss/policy_avg", pg.loss),
+            ("loss/value_avg", vf.loss),
+            ("val/clipfrac_avg", vf.clipfrac),
+            ("val/ratio", pg.ratio_mean),
+            ("policy/entropy_avg", algo.masked_mean(ent, m)),
+        ):
+            acc.setdefault(k, []).append(float(v.detach()))
+
+    def _nan_error(self, value: float) -> SwallowError:
         last = checkpoint.latest(self.run_dir)
-        raise RuntimeFailure(
+        return RuntimeFailure(
             f"the loss became {value} (not a number); training stopped before applying it",
             hint=(f"the last good checkpoint is {last}; " if last else "")
             + "lower ppo.lr or ppo.cliprange, check the rewards for inf/NaN, then --resume",
@@ -814,6 +938,53 @@ class PPOTrainer:
         t = torch.tensor([stats[k] for k in keys], device=self.device, dtype=torch.float64)
         t = self.accelerator.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist(), strict=True))
+
+    def _sum_all(self, t: Any) -> Any:
+        return self.accelerator.reduce(t, reduction="sum")
+
+    def _first_across(self, value: Any) -> Any:
+        """The non-None `value` of the lowest rank that has one, on every process (a sync point:
+        one integer all-reduce; values are gathered only when some process has one)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        import torch
+        from accelerate.utils import gather_object
+
+        flag = torch.tensor([0 if value is None else 1], device=self.device)
+        if int(self.accelerator.reduce(flag, reduction="sum").item()) == 0:
+            return None
+        return next(v for v in gather_object([value]) if v is not None)
+
+    def _together(self, fn: Callable[[], Any], *, main_only: bool = False) -> Any:
+        """`fn()` (on the main process only, with main_only); if it raises on any process,
+        every process raises. Returns its result (None where it did not run)."""
+        result, error = None, None
+        if self.accelerator.is_main_process or not main_only:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        self._agree(error)
+        return result
+
+    def _agree(self, error: BaseException | None) -> None:
+        """If any process failed, every process raises (the others would wait forever in the
+        next collective); the main process reports its own error or the first other one."""
+        rank = self.accelerator.process_index
+        shared = self._first_across(None if error is None else _portable(error, rank))
+        if shared is None:
+            return
+        if error is None:
+            exit_code, message, hint = shared
+            error = SwallowError(message, hint=hint)
+            error.exit_code = exit_code
+        self._raise(error)
+
+    def _raise(self, error: BaseException) -> NoReturn:
+        """Raise an error every process raises; only the main one prints it."""
+        if not self.accelerator.is_main_process:
+            error.reported_by_main = True  # type: ignore[attr-defined]
+        raise error
 
     def _update_controllers(self, stats: dict[str, float]) -> None:
         p = self.cfg.ppo
@@ -847,12 +1018,36 @@ class PPOTrainer:
         }
         save_file(head, directory / checkpoint.VALUE_HEAD, metadata={"format": "pt"})
 
-    def _save(self, update: int) -> None:
+    def _rank_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What differs between processes: RNG states and environment slots (JSON, tensors)."""
         import torch
 
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
+        state = {
+            "environment": self.env_pool.state_dict() if self.env_pool is not None else None,
+            "python_random": _jsonable_random_state(),
+        }
+        # Sampling and mini-batch shuffles draw from torch's RNG: restoring it makes a resumed
+        # run continue exactly as an uninterrupted one.
+        tensors = {"torch_rng": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["cuda_rng"] = torch.cuda.get_rng_state()
+        return state, tensors
+
+    def _save(self, update: int) -> None:
+        """The main process writes; every process's own RNG state goes in (gathered first), and
+        no process goes on until the checkpoint is complete (or failed, for all)."""
+        mine = self._rank_state()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            ranks = gather_object([mine])
+        else:
+            ranks = [mine]
+        self._together(lambda: self._write_checkpoint(update, ranks), main_only=True)
+
+    def _write_checkpoint(
+        self, update: int, ranks: list[tuple[dict[str, Any], dict[str, Any]]]
+    ) -> None:
         state = {
             "update": update,
             "num_processes": self.accelerator.num_processes,
@@ -862,19 +1057,18 @@ class PPOTrainer:
             "ent_ctl": self.ent_ctl.state_dict() if self.ent_ctl else None,
             "monitor": self.monitor.state_dict() if self.monitor else None,
             "best_value": self.best_value if math.isfinite(self.best_value) else None,
+            # The prompt cursor is the same in every process (they walk one global order).
             "data": self.stream.state_dict() if self.stream is not None else None,
-            "environment": self.env_pool.state_dict() if self.env_pool is not None else None,
-            "python_random": _jsonable_random_state(),
+            **ranks[0][0],
         }
-        # Sampling and mini-batch shuffles draw from torch's RNG: restoring it makes a resumed
-        # run continue exactly as an uninterrupted one.
         tensors = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **ranks[0][1],
         }
-        if torch.cuda.is_available():
-            tensors["cuda_rng"] = torch.cuda.get_rng_state()
+        if len(ranks) > 1:  # process i resumes from ranks[i]
+            state["ranks"] = [r[0] for r in ranks]
+            tensors["ranks"] = [r[1] for r in ranks]
         checkpoint.save(
             self.run_dir,
             f"checkpoint-{update}",
@@ -889,12 +1083,10 @@ class PPOTrainer:
         from safetensors.torch import load_file
 
         state, tensors = checkpoint.load(path)
-        if state["num_processes"] != self.accelerator.num_processes:
-            raise UsageError(
-                f"{path} was written by {state['num_processes']} process(es); this run has "
-                f"{self.accelerator.num_processes}",
-                hint=f"resume with --num-processes {state['num_processes']}",
-            )
+        rank = self.accelerator.process_index
+        own_state, own_tensors = (
+            (state["ranks"][rank], tensors["ranks"][rank]) if "ranks" in state else (state, tensors)
+        )
         unwrapped = self.accelerator.unwrap_model(self.model)
         from peft import set_peft_model_state_dict
 
@@ -915,19 +1107,19 @@ class PPOTrainer:
         ):
             if ctl is not None and state[key] is not None:
                 ctl.load_state_dict(state[key])
-        self._load_inputs(path, state)
+        self._load_inputs(path, state, own_state)
         best = state.get("best_value")
         self.best_value = -math.inf if best is None else float(best)
-        torch.set_rng_state(tensors["torch_rng"])
-        if torch.cuda.is_available() and "cuda_rng" in tensors:
-            torch.cuda.set_rng_state(tensors["cuda_rng"])
-        _restore_random_state(state["python_random"])
+        torch.set_rng_state(own_tensors["torch_rng"])
+        if torch.cuda.is_available() and "cuda_rng" in own_tensors:
+            torch.cuda.set_rng_state(own_tensors["cuda_rng"])
+        _restore_random_state(own_state["python_random"])
         self.start_update = int(state["update"])
         log.info("resumed from %s (update %d)", path, self.start_update)
 
-    def _load_inputs(self, path: Path, state: dict[str, Any]) -> None:
-        """The data cursor, or the environment pool's counters, seeds and states."""
-        saved_env = state.get("environment")
+    def _load_inputs(self, path: Path, state: dict[str, Any], own: dict[str, Any]) -> None:
+        """The data cursor, or this process's environment pool's counters, seeds and states."""
+        saved_env = own.get("environment")
         if (saved_env is not None) != (self.env_pool is not None):
             then, now = (
                 ("an environment", "prompts") if saved_env else ("prompts", "an environment")
@@ -952,10 +1144,6 @@ class PPOTrainer:
         """`final/`: adapter, value head, tokenizer and a manifest naming the exact base."""
         import json
 
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-
         def write(directory: Path) -> None:
             self._write_model(directory)
             self.tokenizer.save_pretrained(directory)
@@ -964,7 +1152,12 @@ class PPOTrainer:
                 json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8"
             )
 
-        return checkpoint.save(self.run_dir, FINAL, write_model=write, state={"update": update})
+        return self._together(
+            lambda: checkpoint.save(
+                self.run_dir, FINAL, write_model=write, state={"update": update}
+            ),
+            main_only=True,
+        )
 
 
 def final_manifest(
@@ -997,15 +1190,12 @@ def _float(v: Any) -> float | None:
     return None if v is None or not math.isfinite(v) else float(v)
 
 
-def _plain(info: dict[str, Any]) -> dict[str, Any]:
-    """An environment's `info` as valid JSON for samples.jsonl: finite numbers, str, bool."""
-    out: dict[str, Any] = {}
-    for k, v in info.items():
-        if isinstance(v, bool | str) or v is None:
-            out[k] = v
-        elif isinstance(v, int | float):
-            out[k] = float(v) if math.isfinite(v) else None
-    return out
+def _portable(error: BaseException, rank: int) -> tuple[int, str, str | None]:
+    """(exit code, message, hint) of an error, to raise the same on the other processes."""
+    where = f"process {rank}: " if rank else ""
+    if isinstance(error, SwallowError):
+        return error.exit_code, where + error.message, error.hint
+    return 1, f"{where}unexpected {type(error).__name__}: {error}", "run again with --verbose"
 
 
 def _jsonable_random_state() -> list[Any]:
