@@ -143,6 +143,22 @@ def recover(run_dir: Path) -> None:
             os.rename(aside, dest)
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (cheap: no tensors).
+
+    Raises:
+        UsageError: unreadable, or without what this version resumes from (another version's).
+    """
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise _incompatible(path, missing)
+    return state
+
+
 def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(JSON state, tensor state) of a checkpoint.
 
@@ -153,22 +169,29 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     import torch
 
+    state = read_state(path)
     try:
-        state = json.loads((path / STATE).read_text(encoding="utf-8"))
         tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
-        raise UsageError(
-            f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})",
-            hint="resume from another checkpoint: move this one out of the run directory",
-        ) from None
-    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
-    missing += [k for k in _TENSOR_KEYS if k not in tensors]
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise _unreadable(path, e) from None
+    missing = [k for k in _TENSOR_KEYS if k not in tensors]
     if missing:
-        raise UsageError(
-            f"{path}: not a checkpoint this swallowctl can resume (no {', '.join(missing)})",
-            hint="it was written by another version: resume with that version, or start anew",
-        )
+        raise _incompatible(path, missing)
     return state, tensors
+
+
+def _unreadable(path: Path, e: Exception) -> UsageError:
+    return UsageError(
+        f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})",
+        hint="resume from another checkpoint: move this one out of the run directory",
+    )
+
+
+def _incompatible(path: Path, missing: list[str]) -> UsageError:
+    return UsageError(
+        f"{path}: not a checkpoint this swallowctl can resume (no {', '.join(missing)})",
+        hint="it was written by another version: resume with that version, or start anew",
+    )
 
 
 def prune(run_dir: Path, keep: int | None) -> None:

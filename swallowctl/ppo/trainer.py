@@ -223,9 +223,7 @@ class PPOTrainer:
 
     def _check_process_count(self, path: Path) -> None:
         """Data shards, RNG states and environments are per process: the count must not change."""
-        import json
-
-        then = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8"))["num_processes"]
+        then = checkpoint.read_state(path)["num_processes"]
         now = self.accelerator.num_processes
         if then != now:
             how = "without --num-processes" if then == 1 else f"with --num-processes {then}"
