@@ -293,6 +293,7 @@ def train(
 ) -> None:
     """PPO (ours), GRPO or RLOO (TRL's) with QLoRA on one 4-bit base (PyTorch only; not MLX)."""
     from swallowctl import launch
+    from swallowctl.core.paths import check_creatable
     from swallowctl.ppo import critic_free, trainer_class
     from swallowctl.ppo.trainer import check_inputs, make_plan
 
@@ -311,6 +312,7 @@ def train(
     launch.check_deepspeed(deepspeed)
     cfg = _load(config, set_).config
     ppo = cfg.ppo.algorithm == "ppo"  # else grpo / rloo, through TRL (ppo.algorithm)
+    check_creatable(Path(cfg.output.dir), "output.dir", folder=True)
     plan = make_plan(cfg, launch.planned_processes(num_processes, accelerate_config) * world)
     if not launch.started_by_us():  # else the launching process has said and checked it
         for line in plan.lines() + ([] if ppo else critic_free.plan_lines(cfg, plan.num_processes)):

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from swallowctl import __version__
-from swallowctl.core.errors import UsageError
+from swallowctl.core.errors import RuntimeFailure, UsageError, io_reason
+from swallowctl.core.paths import check_creatable
 from swallowctl.infer import (
     EXPORT_MANIFEST,
     MLX_WEIGHTS,
@@ -35,6 +36,7 @@ from swallowctl.infer import (
     AdapterInfo,
     read_adapter,
 )
+from swallowctl.infer.fit import check_fits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,6 +67,7 @@ class ExportResult:
 
 def check_output(output: Path, force: bool) -> None:
     """Refuse an existing non-empty folder (or a file) unless `force`. Cheap: runs first."""
+    check_creatable(output, "--output")
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file", hint="give a folder path")
     if output.is_dir() and any(output.iterdir()) and not force:
@@ -105,6 +108,7 @@ def export(
     if adapter.format != "peft":
         raise UsageError(f"{adapter.path} is already an mlx-lm adapter; export needs the peft one")
     resolved, _ = choose_model(model, adapter, cfg, backend="torch")
+    check_fits(adapter.path / PEFT_WEIGHTS, resolved.name, resolved.architecture)
     if fmt == "mlx":
         from swallowctl.infer.mlx_backend import require_mlx
 
@@ -151,6 +155,14 @@ def _build_into(output: Path, build: Callable[[Path], None]) -> None:
         if output.exists():  # check_output allowed it: empty, or --force
             shutil.rmtree(output)
         tmp.rename(output)
+    except Exception as e:
+        reason = io_reason(e)
+        if reason is None:
+            raise
+        raise RuntimeFailure(
+            f"could not write {output}: {reason}",
+            hint="nothing was written there; free disk space (or fix the cause) and run again",
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -200,14 +212,13 @@ def merge(
 
     Merging into a 4-bit base would round the update away, so the base is loaded in `dtype`.
     """
-    from peft import PeftModel
-
+    from swallowctl.infer.torch_backend import apply_adapter
     from swallowctl.ppo.policy import Precision, load_base, load_tokenizer
 
     precision = Precision(device="cpu", load_in_4bit=False, dtype=dtype, compute_dtype=dtype)
     log.info("loading %s in %s to merge %s", resolved.model_id, dtype, adapter.path)
     base = load_base(resolved, cfg, precision)
-    merged = PeftModel.from_pretrained(base, str(adapter.path)).merge_and_unload()
+    merged = apply_adapter(base, adapter).merge_and_unload()
     stops = list(resolved.stop_token_ids)
     # Every stop id in both files: transformers reads generation_config, mlx-lm config.json.
     merged.config.eos_token_id = stops

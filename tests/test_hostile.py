@@ -267,6 +267,28 @@ CASES: list[tuple[str, dict[str, bytes], list[str], int, str]] = [
         2,
         "already exists",
     ),
+    # --- where output goes -----------------------------------------------------------------------
+    (
+        "train output under a file",
+        {"f": b"x"},
+        ["train", "--set", TINY, "--set", "output.dir={f}/run", "--dry-run"],
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "train output is a file",
+        {"f": b"x"},
+        ["train", "--set", TINY, "--set", "output.dir={f}", "--dry-run"],
+        2,
+        "is a file, not a folder",
+    ),
+    (
+        "infer output under a file",
+        {"in.jsonl": b'{"prompt": "a"}\n', "f": b"x"},
+        ["infer", "--model", "builtin:tiny-ja", "--input", "{in.jsonl}", "--output", "{f}/o.jsonl"],
+        2,
+        "is a file, not a folder",
+    ),
     ("unknown command", {}, ["trian"], 2, ""),
     ("bad flag", {}, ["train", "--lr", "3"], 2, ""),
 ]
@@ -349,3 +371,38 @@ def test_a_fake_token_never_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             assert secret.encode() not in path.read_bytes(), path
     manifest = json.loads((run / "final" / "manifest.json").read_text())
     assert secret not in json.dumps(manifest)
+
+
+def test_a_fake_token_never_leaks_from_any_other_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hubserver import HubServer, use_hub
+    from test_infer import make_adapter
+
+    secret = "hf_" + "ToKeN" * 7
+    root = Path(__file__).resolve().parent.parent
+    adapter = make_adapter(tmp_path / "run" / "final")
+    gated = {"config.json": b"{}", "tokenizer.json": b"{}", "model.safetensors": b"w" * 64}
+    with HubServer(repos={"org/gated": gated}, gated={"org/gated"}) as server:
+        server.allowed_tokens.add(secret)
+        use_hub(monkeypatch, server, tmp_path)
+        monkeypatch.setenv("HF_TOKEN", secret)
+        monkeypatch.chdir(root)  # env check imports examples.intervention_env from here
+        outputs = []
+        for argv in (
+            ["download", "org/gated", "--local-dir", str(tmp_path / "dl"), "-v"],
+            ["download", "org/gated", "--json"],
+            ["infer", "--adapter", str(adapter), "--prompt", "x", "--max-new-tokens", "3", "-v"],
+            ["export", str(adapter), "--format", "mlx-adapter", "--output", str(tmp_path / "ex")],
+            ["tune-memory", "--model", "swallow-8b", "--vram", "24", "--json"],
+            ["env", "check", "examples.intervention_env:InterventionEnv", "--mode",
+             "intervention", "--episodes", "1", "--json", "-v"],
+        ):  # fmt: skip
+            r = CliRunner().invoke(app, argv)
+            assert r.exit_code == 0, (argv, r.stderr)
+            outputs.append(r.stdout + r.stderr)
+        assert any(req.authorized for req in server.requests)  # the token was really used
+    assert all(secret not in out for out in outputs)
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.name not in ("token", "stored_tokens"):
+            assert secret.encode() not in path.read_bytes(), path

@@ -5,6 +5,8 @@ Exit codes: 2 for what the user can fix in their command, config or data; 1 for 
 
 from __future__ import annotations
 
+import re
+
 
 class SwallowError(Exception):
     """Base of every error swallowctl reports as one line (plus an optional hint)."""
@@ -53,3 +55,15 @@ class RuntimeFailure(SwallowError):
     """Something failed while running (I/O, a model, the network)."""
 
     exit_code = 1
+
+
+def io_reason(e: BaseException) -> str | None:
+    """What went wrong, if `e` is an I/O error; None otherwise.
+
+    safetensors wraps OS errors in its own kind ("I/O error: No space left on device (os error
+    28)"); the OS's words are taken out of it.
+    """
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    m = re.search(r"I/O error: (.+?) \(os error \d+\)", str(e))
+    return m.group(1) if m else None

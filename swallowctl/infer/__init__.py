@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from swallowctl.core.errors import UsageError
+from swallowctl.infer.fit import check_fits, safetensors_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -248,8 +249,14 @@ def read_adapter(path: Path) -> AdapterInfo:
             + (" (only a pickle adapter_model.bin, which we do not load)" if bin_only else ""),
             hint="pickle files can run code when loaded; save the adapter with safetensors",
         )
+    safetensors_header(path / PEFT_WEIGHTS)  # torn or junk: say so before a model loads
     manifest = _read_json(path / MANIFEST)
     base = (manifest or {}).get("base_model") or {}
+    if not isinstance(base, dict):
+        raise UsageError(
+            f"{path / MANIFEST}: base_model is {type(base).__name__}, expected an object",
+            hint="written by another swallowctl version? pass --model with the base",
+        )
     name = base.get("name") or config.get("base_model_name_or_path")
     revision = base.get("commit") or base.get("revision") or config.get("revision")
     return AdapterInfo(path, "peft", name, revision, manifest)
@@ -272,7 +279,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: not readable JSON ({e})") from None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def choose_model(
@@ -322,6 +331,8 @@ def open_backend(
         MissingDependencyError: the backend's libraries are not installed (says what to install).
         UsageError: an adapter the backend cannot use.
     """
+    if adapter is not None and adapter.format == "peft":
+        check_fits(adapter.path / PEFT_WEIGHTS, resolved.name, resolved.architecture)
     if backend == "mlx":
         from swallowctl.infer.mlx_backend import MlxBackend
 

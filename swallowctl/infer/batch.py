@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from swallowctl.core import console
 from swallowctl.core.errors import DataError, UsageError
 from swallowctl.core.modes import ModeSpec
+from swallowctl.core.paths import check_creatable
 from swallowctl.infer import Completion, GenerationSettings, InferenceBackend, Message
 from swallowctl.infer.session import parse
 
@@ -102,6 +103,7 @@ def plan_batch(input_path: Path, output_path: Path, mode: ModeSpec) -> BatchPlan
     """
     if input_path.resolve() == output_path.resolve():
         raise UsageError("--input and --output are the same file")
+    check_creatable(output_path, "--output")
     rows = list(_read_input(input_path, mode))
     if not rows:
         raise DataError(f"{input_path}: no rows", hint="one JSON object per line")

@@ -102,7 +102,7 @@ class TorchBackend:
                 hint=f"fetch it once with 'swallowctl download {resolved.name}', or pass --model",
             ) from e
         if adapter is not None:
-            model = _apply_adapter(model, adapter)
+            model = apply_adapter(model, adapter)
         model.config.use_cache = True  # load_base turns it off for training forwards
         model.eval()
         return cls(model, tokenizer, resolved, device)
@@ -235,7 +235,7 @@ class TorchBackend:
         return Completion(text, kept, "length" if stop is None else "stop", 0.0)
 
 
-def _apply_adapter(model: Any, adapter: AdapterInfo) -> Any:
+def apply_adapter(model: Any, adapter: AdapterInfo) -> Any:
     try:
         from peft import PeftModel
     except ImportError as e:

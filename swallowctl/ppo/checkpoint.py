@@ -7,6 +7,7 @@ run continues exactly where the stopped one was.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -16,15 +17,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from swallowctl.core.errors import RuntimeFailure
+from swallowctl.core.errors import RuntimeFailure, UsageError, io_reason
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"  # written last: a directory without it was interrupted while saving
+OLD = ".old-"  # prefix of a directory being replaced (see `install`)
 STATE = "trainer_state.json"
 TENSORS = "trainer_state.pt"
 VALUE_HEAD = "value_head.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# What `load` needs to resume (trainer._save writes them).
+_STATE_KEYS = ("update", "num_processes", "kl_coef", "entropy_coef", "python_random")
+_TENSOR_KEYS = ("optimizer", "scheduler", "torch_rng")
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -76,48 +81,128 @@ def save(
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     try:
+        recover(run_dir)
         tmp.mkdir(parents=True)
         write_model(tmp)
         if tensors is not None:
-            torch.save(tensors, tmp / TENSORS)
+            # Through memory: torch.save reports a full disk as a RuntimeError of its C++
+            # writer ("unexpected pos"); Python's own write says what happened.
+            buffer = io.BytesIO()
+            torch.save(tensors, buffer)
+            (tmp / TENSORS).write_bytes(buffer.getbuffer())
         (tmp / STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text("", encoding="utf-8")
         _fsync_dir(tmp)
-        if final.exists():  # `final` of a resumed run, or a step saved again: replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(run_dir)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        install(tmp, final)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy
+        reason = io_reason(e)
+        if reason is None:
+            raise
         previous = latest(run_dir)
         raise RuntimeFailure(
-            f"could not write checkpoint {final}: {e.strerror or e}",
+            f"could not write checkpoint {final}: {reason}",
             hint=f"the previous checkpoint ({previous.name if previous else 'none'}) is intact; "
-            "free disk space and resume with --resume",
+            "free disk space (or fix the cause) and resume with --resume",
         ) from e
     log.debug("saved %s", final)
     return final
 
 
-def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(JSON state, tensor state) of a checkpoint."""
-    import torch
+def install(src: Path, dest: Path) -> None:
+    """Move the complete directory `src` to `dest`, replacing an existing `dest` whole.
 
-    state = json.loads((path / STATE).read_text(encoding="utf-8"))
-    tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
-    return state, tensors
+    A directory cannot be renamed over a non-empty one, and deleting `dest` first would lose it
+    to a kill before the rename: the old one is moved aside, and removed only once the new one
+    is in place. A kill in between leaves `.old-NAME`, which `recover` puts back.
+    """
+    aside = dest.with_name(f"{OLD}{dest.name}")
+    if dest.exists():
+        os.rename(dest, aside)
+    os.rename(src, dest)
+    _fsync_dir(dest.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
-def prune(run_dir: Path, keep: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond `keep`, and stale temp dirs.
+def recover(run_dir: Path) -> None:
+    """Tidy what a kill left: temp dirs, half-pruned checkpoints, a cut replacement undone.
 
-    Called only after a new checkpoint is complete, so the newest good one is never touched.
+    `.old-NAME` goes back where NAME is missing (see `install`). Call it before writing.
     """
     for tmp in run_dir.glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for path in run_dir.glob("checkpoint-*"):
+        if _NAME.match(path.name) and not (path / COMPLETE).exists():
+            shutil.rmtree(path, ignore_errors=True)  # unmarked by `prune`, then killed
+    for aside in run_dir.glob(f"{OLD}*"):
+        dest = run_dir / aside.name.removeprefix(OLD)
+        if dest.exists():
+            shutil.rmtree(aside, ignore_errors=True)  # killed after the new one was in place
+        else:
+            os.rename(aside, dest)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The JSON state of a checkpoint (cheap: no tensors).
+
+    Raises:
+        UsageError: unreadable, or without what this version resumes from (another version's).
+    """
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise _incompatible(path, missing)
+    return state
+
+
+def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(JSON state, tensor state) of a checkpoint.
+
+    Raises:
+        UsageError: the files are unreadable or lack what this version reads (another version's).
+    """
+    import pickle
+
+    import torch
+
+    state = read_state(path)
+    try:
+        tensors = torch.load(path / TENSORS, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+        raise _unreadable(path, e) from None
+    missing = [k for k in _TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise _incompatible(path, missing)
+    return state, tensors
+
+
+def _unreadable(path: Path, e: Exception) -> UsageError:
+    return UsageError(
+        f"{path}: unreadable checkpoint ({str(e).splitlines()[0]})",
+        hint="resume from another checkpoint: move this one out of the run directory",
+    )
+
+
+def _incompatible(path: Path, missing: list[str]) -> UsageError:
+    return UsageError(
+        f"{path}: not a checkpoint this swallowctl can resume (no {', '.join(missing)})",
+        hint="it was written by another version: resume with that version, or start anew",
+    )
+
+
+def prune(run_dir: Path, keep: int | None) -> None:
+    """Delete the oldest complete checkpoints beyond `keep`.
+
+    Called only after a new checkpoint is complete, so the newest good one is never touched.
+    """
     if keep is None:
         return
     done = checkpoints(run_dir)
     for _, path in done[: max(0, len(done) - keep)]:
+        # Unmarked first: a kill halfway through the delete leaves no "complete" torn copy.
+        (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)

@@ -664,11 +664,8 @@ class CriticFreeTrainer:
         checkpoint._fsync_tree(src)
         (src / checkpoint.COMPLETE).write_text("", encoding="utf-8")
         checkpoint._fsync_dir(src)
-        dest = self.run_dir / f"checkpoint-{update}"
-        if dest.exists():  # saved again after a resume: replace it whole
-            shutil.rmtree(dest)
-        os.rename(src, dest)
-        checkpoint._fsync_dir(self.run_dir)
+        checkpoint.recover(self.run_dir)
+        checkpoint.install(src, self.run_dir / f"checkpoint-{update}")  # saved again: replaced
         checkpoint.prune(self.run_dir, self.cfg.output.save_total_limit)
 
     def _write_config(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ def truncate_after(path: Path, update: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill: it belongs to an update we redo
-    path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    # Into a temp file, then renamed over: a kill while rewriting must not empty the log.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class RunLog:

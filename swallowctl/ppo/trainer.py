@@ -152,7 +152,8 @@ class PPOTrainer:
             RunLog(
                 self.run_dir,
                 list(cfg.logging.report_to),
-                resume_from=self.start_update if resume_path else None,
+                # --resume without a checkpoint redoes update 1: drop what a killed run wrote
+                resume_from=self.start_update if resume else None,
             )
             if self.accelerator.is_main_process
             else None
@@ -162,6 +163,8 @@ class PPOTrainer:
 
     def _check_run_dir(self, resume: bool) -> Path | None:
         """Refuse to mix two runs in one directory; find where to resume."""
+        if self.accelerator.is_main_process and self.run_dir.exists():
+            checkpoint.recover(self.run_dir)  # a `final/` or `best/` whose replacement was cut
         found = checkpoint.latest(self.run_dir) if self.run_dir.exists() else None
         if resume and self.accelerator.state.deepspeed_plugin is not None:
             self._raise(
@@ -191,9 +194,7 @@ class PPOTrainer:
 
     def _check_process_count(self, path: Path) -> None:
         """Data shards, RNG states and environments are per process: the count must not change."""
-        import json
-
-        then = json.loads((path / checkpoint.STATE).read_text(encoding="utf-8"))["num_processes"]
+        then = checkpoint.read_state(path)["num_processes"]
         now = self.accelerator.num_processes
         if then != now:
             how = "without --num-processes" if then == 1 else f"with --num-processes {then}"
