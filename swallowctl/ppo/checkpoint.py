@@ -91,9 +91,7 @@ def save(
             torch.save(tensors, buffer)
             (tmp / TENSORS).write_bytes(buffer.getbuffer())
         (tmp / STATE).write_text(json.dumps(state, indent=2, ensure_ascii=False), encoding="utf-8")
-        _fsync_tree(tmp)
-        (tmp / COMPLETE).write_text("", encoding="utf-8")
-        _fsync_dir(tmp)
+        seal(tmp)
         install(tmp, final)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written copy
@@ -108,6 +106,13 @@ def save(
         ) from e
     log.debug("saved %s", final)
     return final
+
+
+def seal(path: Path) -> None:
+    """Mark a fully written checkpoint directory complete: its files reach the disk first."""
+    _fsync_tree(path)
+    (path / COMPLETE).write_text("", encoding="utf-8")
+    _fsync_dir(path)
 
 
 def install(src: Path, dest: Path) -> None:

@@ -661,9 +661,7 @@ class CriticFreeTrainer:
         src = self.staging / f"checkpoint-{state.global_step}"
         info = {"algorithm": self.algorithm, "update": update, "trl_step": state.global_step}
         (src / RUN_INFO).write_text(json.dumps(info), encoding="utf-8")
-        checkpoint._fsync_tree(src)
-        (src / checkpoint.COMPLETE).write_text("", encoding="utf-8")
-        checkpoint._fsync_dir(src)
+        checkpoint.seal(src)
         checkpoint.recover(self.run_dir)
         checkpoint.install(src, self.run_dir / f"checkpoint-{update}")  # saved again: replaced
         checkpoint.prune(self.run_dir, self.cfg.output.save_total_limit)
