@@ -98,7 +98,11 @@ class DataSection(_Section):
         "builtin:prompts-ja", description="JSONL file, Hub dataset id, or builtin:prompts-ja"
     )
     mode: str = Field("chat", description="a built-in mode (chat, intervention) or one of modes:")
-    max_prompt_tokens: int = Field(512, gt=0, description="longer prompts are cut from the left")
+    max_prompt_tokens: int = Field(
+        512,
+        gt=0,
+        description="longer prompts lose their oldest turns first; the system prompt stays",
+    )
     shuffle: bool = True
     eval_prompts: str | None = Field(None, description="prompts for deterministic evaluation")
 
