@@ -214,10 +214,13 @@ class PPOTrainer:
         from swallowctl.ppo import policy
 
         cfg = self.cfg
-        if cfg.lora.critic != "shared":
+        self.critic_adapter = cfg.lora.critic == "adapter"
+        if self.critic_adapter and self.accelerator.num_processes > 1:
+            # DDP wants one forward and one backward per step over all parameters; the critic
+            # adapter takes two passes, each over half of them.
             raise UsageError(
-                "lora.critic: adapter (a separate critic adapter) is not built yet",
-                hint="use lora.critic: shared (the value head on the policy's backbone)",
+                "lora.critic: adapter runs in one process only (not built for several yet)",
+                hint="use lora.critic: shared, or train with one process",
             )
         self.precision = policy.decide_precision(cfg, self.device)
         self.tokenizer = policy.load_tokenizer(self.resolved, cfg)
@@ -601,7 +604,7 @@ class PPOTrainer:
     def _score_forward(self, unwrapped: Any, batch: Any) -> tuple[Any, Any, Any]:
         import torch
 
-        from swallowctl.ppo.policy import reference_mode
+        from swallowctl.ppo.policy import CRITIC, adapter_mode, reference_mode
 
         g = self.cfg.generation
         chunk = self.plan.rollout_chunk
@@ -617,7 +620,10 @@ class PPOTrainer:
                     g.top_p,
                     self.cfg.ppo.logits_chunk_size,
                 )
-                lp, v, _ = unwrapped(*args, with_values=True)
+                lp, v, _ = unwrapped(*args, with_values=not self.critic_adapter)
+                if self.critic_adapter:
+                    with adapter_mode(unwrapped.peft, CRITIC):
+                        _, v, _ = unwrapped(*args, with_logprobs=False)
                 with reference_mode(unwrapped.peft):
                     ref, _, _ = unwrapped(*args, with_values=False)
                 lps.append(lp)
@@ -738,7 +744,7 @@ class PPOTrainer:
         """`ppo_epochs` x shuffled mini-batches x micro-batches with gradient accumulation."""
         import torch
 
-        p, g = self.cfg.ppo, self.cfg.generation
+        p = self.cfg.ppo
         n = batch.response.shape[0]
         micro = self.plan.sizes.micro_batch
         mini = n // p.num_mini_batches
@@ -751,27 +757,10 @@ class PPOTrainer:
                 for micro_start in range(0, len(mb_idx), micro):
                     idx = mb_idx[micro_start : micro_start + micro]
                     part = batch.rows(idx)
-                    new_lp, new_v, ent = self.model(
-                        part.input_ids,
-                        part.attention_mask,
-                        part.context_length,
-                        g.temperature,
-                        g.top_p,
-                        p.logits_chunk_size,
-                        with_values=True,
-                    )
                     m = part.response_mask
-                    pg = algo.policy_loss(
-                        new_lp, b["logprobs"][idx], advantages[idx], m, p.cliprange
+                    pg, vf, ent = self._micro_step(
+                        part, b, idx, advantages, returns, len(idx) / len(mb_idx)
                     )
-                    vf = algo.value_loss(
-                        new_v, b["values"][idx], returns[idx], m, p.cliprange_value
-                    )
-                    bonus = algo.entropy_bonus(ent, m, self.entropy_coef, p.max_entropy_bonus)
-                    loss = pg.loss + p.vf_coef * vf.loss - bonus
-                    if not torch.isfinite(loss):
-                        self._abort_nan(float(loss.detach()))
-                    self.accelerator.backward(loss * len(idx) / len(mb_idx))
                     for k, v in (
                         ("policy/approxkl_avg", pg.approxkl),
                         ("policy/clipfrac_avg", pg.clipfrac),
@@ -790,6 +779,54 @@ class PPOTrainer:
         ratios = acc["val/ratio"]
         out["val/ratio_var"] = float(torch.tensor(ratios).var()) if len(ratios) > 1 else 0.0
         return out
+
+    def _micro_step(
+        self, part: Any, b: dict[str, Any], idx: Any, advantages: Any, returns: Any, scale: float
+    ) -> tuple[Any, Any, Any]:
+        """Losses of one micro-batch, back-propagated (scaled for gradient accumulation).
+
+        A shared critic: one forward, one backward of policy + value loss. A critic adapter: the
+        policy's pass (policy loss, entropy bonus), then the critic's pass (value loss) inside
+        `adapter_mode`, each backward right after its forward, so the policy adapter gets no
+        value-loss gradient and the critic adapter and head no policy-loss gradient.
+        """
+        import torch
+
+        from swallowctl.ppo.policy import CRITIC, adapter_mode
+
+        p, g = self.cfg.ppo, self.cfg.generation
+        m = part.response_mask
+        args = (
+            part.input_ids,
+            part.attention_mask,
+            part.context_length,
+            g.temperature,
+            g.top_p,
+            p.logits_chunk_size,
+        )
+
+        def backward(loss: Any) -> None:
+            if not torch.isfinite(loss):
+                self._abort_nan(float(loss.detach()))
+            self.accelerator.backward(loss * scale)
+
+        def value_loss(new_v: Any) -> Any:
+            return algo.value_loss(new_v, b["values"][idx], returns[idx], m, p.cliprange_value)
+
+        new_lp, new_v, ent = self.model(*args, with_values=not self.critic_adapter)
+        pg = algo.policy_loss(new_lp, b["logprobs"][idx], advantages[idx], m, p.cliprange)
+        bonus = algo.entropy_bonus(ent, m, self.entropy_coef, p.max_entropy_bonus)
+        if not self.critic_adapter:
+            vf = value_loss(new_v)
+            backward(pg.loss + p.vf_coef * vf.loss - bonus)
+            return pg, vf, ent
+        backward(pg.loss - bonus)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with adapter_mode(unwrapped.peft, CRITIC):
+            _, new_v, _ = self.model(*args, with_logprobs=False)
+            vf = value_loss(new_v)
+            backward(p.vf_coef * vf.loss)
+        return pg, vf, ent
 
     def _abort_nan(self, value: float) -> None:
         last = checkpoint.latest(self.run_dir)
@@ -833,10 +870,12 @@ class PPOTrainer:
     def _write_model(self, directory: Path) -> None:
         from safetensors.torch import save_file
 
-        from swallowctl.ppo.policy import save_adapter
+        from swallowctl.ppo.policy import CRITIC, CRITIC_DIR, save_adapter
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         save_adapter(unwrapped.peft, directory)
+        if self.critic_adapter:
+            save_adapter(unwrapped.peft, directory / CRITIC_DIR, CRITIC)
         head = {
             k: v.detach().cpu().contiguous() for k, v in unwrapped.value_head.state_dict().items()
         }
@@ -890,13 +929,19 @@ class PPOTrainer:
                 f"{self.accelerator.num_processes}",
                 hint=f"resume with --num-processes {state['num_processes']}",
             )
+        from swallowctl.ppo.policy import CRITIC, CRITIC_DIR, POLICY, load_adapter_weights
+
+        critic_saved = "adapter" if (path / CRITIC_DIR).is_dir() else "shared"
+        if critic_saved != self.cfg.lora.critic:
+            raise UsageError(
+                f"{path} was trained with lora.critic: {critic_saved}; this config says "
+                f"{self.cfg.lora.critic}",
+                hint=f"resume with lora.critic: {critic_saved}",
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
-        from peft import set_peft_model_state_dict
-
-        from swallowctl.ppo.policy import ADAPTER_WEIGHTS, POLICY
-
-        adapter = load_file(path / ADAPTER_WEIGHTS, device=self.device)
-        set_peft_model_state_dict(unwrapped.peft, adapter, adapter_name=POLICY)
+        load_adapter_weights(unwrapped.peft, path, POLICY, self.device)
+        if self.critic_adapter:
+            load_adapter_weights(unwrapped.peft, path / CRITIC_DIR, CRITIC, self.device)
         unwrapped.value_head.load_state_dict(
             load_file(path / checkpoint.VALUE_HEAD, device=self.device)
         )
@@ -969,6 +1014,8 @@ def final_manifest(
     return {
         "swallowctl": __version__,
         "algorithm": "ppo",
+        # The policy adapter is at the top; a critic adapter (not needed to infer) in critic/.
+        "critic": "adapter" if cfg.lora.critic == "adapter" else "shared",
         "base_model": {
             "name": cfg.model.name_or_path,
             "model_id": resolved.model_id,
