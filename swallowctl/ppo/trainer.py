@@ -21,7 +21,7 @@ from swallowctl.core.config import BatchSizes, SwallowConfig, dump_config, rende
 from swallowctl.core.errors import RuntimeFailure, SwallowError, UsageError
 from swallowctl.core.models import ResolvedModel, resolve
 from swallowctl.ppo import algo, checkpoint
-from swallowctl.ppo.runlog import RunLog
+from swallowctl.ppo.runlog import RunLog, check_reporters, redacted
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,11 @@ def check_inputs(cfg: SwallowConfig) -> int:
 
         load_environment_class(cfg.environment.entrypoint)
         check_reward_specs(cfg.rewards)
+        check_reporters(list(cfg.logging.report_to))
         return make_plan(cfg).num_envs
     rows = load_prompts(cfg.data.prompts, cfg.mode(), mode_name=cfg.data.mode)
     check_reward_specs(cfg.rewards)
+    check_reporters(list(cfg.logging.report_to))
     return len(rows)
 
 
@@ -162,6 +164,7 @@ class PPOTrainer:
         self.run_dir = Path(cfg.output.dir)
         self.start_update = 0
         resume_path = self._check_run_dir(resume)
+        check_reporters(list(cfg.logging.report_to))  # a missing wandb fails before the model loads
         self._seed(cfg.ppo.seed + self.accelerator.process_index)
         self.resolved = resolve(cfg.model.name_or_path, cfg.model.revision)
         self._build_model()
@@ -179,6 +182,7 @@ class PPOTrainer:
                 self.run_dir,
                 list(cfg.logging.report_to),
                 resume_from=self.start_update if resume_path else None,
+                config=dump_config(cfg),
             )
             if self.accelerator.is_main_process
             else None
@@ -1024,7 +1028,7 @@ def final_manifest(
         },
         "updates": updates,
         "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
-        "config": dump_config(cfg),
+        "config": redacted(dump_config(cfg)),  # travels with the adapter: no secrets
     }
 
 
