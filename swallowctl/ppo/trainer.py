@@ -6,6 +6,7 @@ Prefixes: `b_` the whole rollout batch, `mb_` a mini-batch, `micro_` a micro-bat
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -823,13 +824,15 @@ class PPOTrainer:
         if not self.critic_adapter:
             vf = value_loss(new_v)
             backward(pg.loss + p.vf_coef * vf.loss - bonus)
-            return pg, vf, ent
-        backward(pg.loss - bonus)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        with adapter_mode(unwrapped.peft, CRITIC):
-            _, new_v, _ = self.model(*args, with_logprobs=False)
-            vf = value_loss(new_v)
-            backward(p.vf_coef * vf.loss)
+        else:
+            backward(pg.loss - bonus)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            with adapter_mode(unwrapped.peft, CRITIC):
+                _, new_v, _ = self.model(*args, with_logprobs=False)
+                vf = value_loss(new_v)
+                backward(p.vf_coef * vf.loss)
+        if self.device == "cpu":
+            _release_freed_memory()
         return pg, vf, ent
 
     def _abort_nan(self, value: float) -> None:
@@ -1030,6 +1033,29 @@ def final_manifest(
         "metrics": {k: v for k, v in metrics.items() if math.isfinite(v)},
         "config": redacted(dump_config(cfg)),  # travels with the adapter: no secrets
     }
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim  # this process's own libc
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim).
+
+    On the CPU a micro-batch's activations are freed after its backward, but glibc keeps big
+    freed blocks in its heap once its mmap threshold has risen, so RSS climbs by fragments. One
+    trim per micro-batch lowered the CPU benchmark's peak RSS by ~20 MiB of ~555, at no
+    measurable cost in time (benchmarks/README.md).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _prompt_text(row: Any) -> str:
