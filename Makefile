@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Install torch first, pinned: a bare `torch` requirement can pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= train,mlx,dev
+EXTRAS ?= train,mlx,wandb,dev
 
 .PHONY: install demo test lint completions clean
 

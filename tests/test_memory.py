@@ -100,6 +100,11 @@ def test_lora_by_hand(arch: Architecture, params: int) -> None:
     assert rollout.bytes_of("grads") == 0 and rollout.bytes_of("adam") == 8 * params
     critic = estimate(arch, DEFAULT.but(critic_adapter=True)).phase("rollout")
     assert critic.bytes_of("lora") == 2 * 4 * params  # a separate critic adapter doubles LoRA
+    small = estimate(arch, DEFAULT.but(critic_adapter=True, critic_r=4)).phase("update:loss")
+    assert small.bytes_of("grads") == 4 * (params + params // 4)  # lora.critic_r: 4 of 16
+    # The critic's pass runs after the policy's backward: activations of one graph at a time.
+    plain = estimate(arch, DEFAULT).phase("update:loss")
+    assert small.bytes_of("activations") == plain.bytes_of("activations")
 
 
 # KV cache per token, 2 (K, V) x layers x kv_heads x head_dim x bytes: fp32 stream (upcast)

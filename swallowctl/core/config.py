@@ -78,6 +78,10 @@ class LoraSection(_Section):
     critic: Literal["shared", "adapter"] = Field(
         "shared", description="value head on the policy's backbone, or its own LoRA adapter"
     )
+    critic_r: int | None = Field(None, gt=0, description="critic adapter's rank (default: r)")
+    critic_alpha: int | None = Field(
+        None, gt=0, description="critic adapter's alpha (default: alpha)"
+    )
 
 
 class GenerationSection(_Section):
@@ -729,6 +733,12 @@ def _check_consistency(cfg: SwallowConfig, where: _Where) -> None:
         problems.append((("ppo", "entropy_coef_min"), "is larger than ppo.entropy_coef_max"))
     if p.min_kl_coef > p.max_kl_coef:
         problems.append((("ppo", "min_kl_coef"), "is larger than ppo.max_kl_coef"))
+    lora = cfg.lora
+    for key in ("critic_r", "critic_alpha"):
+        if getattr(lora, key) is not None and lora.critic == "shared":
+            problems.append(
+                (("lora", key), "sizes the critic adapter; set lora.critic: adapter or remove it")
+            )
     if p.entropy_transition_updates is not None:
         t = p.entropy_transition_updates
         if any(not 0 < x < 1 for x in t) or t != sorted(t):

@@ -237,10 +237,11 @@ def _update_terms(arch: Architecture, s: Settings, step: Literal["loss", "backwa
     m, seq = s.micro_batch, s.seq_tokens
     tokens = m * seq
     n_lora = adapter_param_count(arch, s)
-    graphs = 2 if s.critic_adapter else 1  # a critic adapter runs its own forward with grad
+    # A critic adapter adds a forward and backward per micro-batch, run after the policy's
+    # backward: one graph is alive at a time, so the activations are one graph's.
     terms = [
         Term("grads", "LoRA grads", n_lora * s.lora_bytes, f"{n_lora:,} params x {s.lora_bytes} B"),
-        _saved_activations(arch, s, tokens, graphs),
+        _saved_activations(arch, s, tokens),
         Term("final", "final hidden", final_bytes(arch, s) * tokens, "x tokens"),
         Term("attention_mask", "attention mask", mask_bytes(m, seq, seq, s), "batch x seq^2 x 1 B"),
     ]
@@ -279,19 +280,19 @@ def _logits_term(arch: Architecture, s: Settings, response_tokens: int, grad: bo
     )
 
 
-def _saved_activations(arch: Architecture, s: Settings, tokens: int, graphs: int) -> Term:
+def _saved_activations(arch: Architecture, s: Settings, tokens: int) -> Term:
     layers = arch.num_hidden_layers
     if s.gradient_checkpointing:  # each layer keeps only its input (HF checkpointing)
         return Term(
             "activations",
             "saved: layer inputs",
-            layers * s.act * arch.hidden_size * tokens * graphs,
+            layers * s.act * arch.hidden_size * tokens,
             f"layers x hidden x {s.act} B x tokens",
         )
     per_layer = layer_activation_bytes(arch, s)
     return Term(
         "activations",
         "saved: all layers",
-        layers * per_layer * tokens * graphs,
+        layers * per_layer * tokens,
         f"layers x {per_layer:,} B x tokens",
     )

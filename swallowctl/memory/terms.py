@@ -141,6 +141,7 @@ class Settings:
     lora_targets: str | tuple[str, ...] = "all-linear"
     lora_dropout: bool = True
     critic_adapter: bool = False
+    critic_r: int = 0  # the critic adapter's rank; 0 = lora_r
     reference_adapter: bool = False
     value_head: bool = True
     gradient_checkpointing: bool = True
@@ -234,7 +235,8 @@ def target_kinds(arch: Architecture, target: str | tuple[str, ...]) -> frozenset
 def adapter_param_count(arch: Architecture, s: Settings) -> int:
     """LoRA parameters trained: the policy's, and the critic's own adapter if configured."""
     n = lora_param_count(arch, s.lora_r, s.lora_targets)
-    return n * (2 if s.critic_adapter else 1)
+    critic = lora_param_count(arch, s.critic_r or s.lora_r, s.lora_targets)
+    return n + (critic if s.critic_adapter else 0)
 
 
 # ---- persistent terms ---------------------------------------------------------------------
@@ -279,12 +281,11 @@ def norm_bytes(arch: Architecture, s: Settings) -> int:
 
 
 def value_head_bytes(arch: Architecture, s: Settings) -> int:
-    """fp32 Linear(hidden, 1) with bias: weight, grad, AdamW m and v (16 B a parameter);
-    a second head for the critic adapter."""
+    """fp32 Linear(hidden, 1) with bias: weight, grad, AdamW m and v (16 B a parameter); one
+    head, on the policy's backbone or on the critic adapter's."""
     if not s.value_head:
         return 0
-    heads = 2 if s.critic_adapter else 1
-    return heads * (arch.hidden_size + 1) * FP32 * (2 + ADAM_STATES)
+    return (arch.hidden_size + 1) * FP32 * (2 + ADAM_STATES)
 
 
 def dequant_buffer_bytes(arch: Architecture, s: Settings) -> int:

@@ -170,6 +170,7 @@ def settings_from_config(
         lora_targets=targets if isinstance(targets, str) else tuple(targets),
         lora_dropout=lora.dropout > 0,
         critic_adapter=lora.critic == "adapter",
+        critic_r=lora.critic_r or 0,
         # TRL copies a starting adapter as the reference only when the KL term is on.
         reference_adapter=lora.init_adapter is not None and not (critic_free and p.kl_coef == 0),
         value_head=not critic_free,

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from swallowctl.core.config import CRITIC_FREE, SwallowConfig, render_yaml
+from swallowctl.core.config import CRITIC_FREE, SwallowConfig, dump_config, render_yaml
 from swallowctl.core.errors import ConfigError, UsageError
 from swallowctl.ppo import checkpoint
 from swallowctl.ppo.signals import Signals
@@ -579,7 +579,12 @@ class CriticFreeTrainer:
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = _read_run_info(self.resume_path).get("update") if self.resume_path else None
-        return RunLog(self.run_dir, list(self.cfg.logging.report_to), resume_from=resumed)
+        return RunLog(
+            self.run_dir,
+            list(self.cfg.logging.report_to),
+            resume_from=resumed,
+            config=dump_config(self.cfg),
+        )
 
     # --- the run ---------------------------------------------------------------------------
 

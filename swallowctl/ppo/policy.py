@@ -1,5 +1,6 @@
-"""One base model serves every role: policy (LoRA on), value (a head on the same backbone) and
-reference (LoRA off, or a frozen copy of a starting adapter).
+"""One base model serves every role: policy (LoRA on), value (a head on the same backbone, or on
+the backbone run with a critic adapter of its own) and reference (LoRA off, or a frozen copy of a
+starting adapter).
 
 Log-probs are computed on the response slice only, a chunk of positions at a time: a full
 batch x tokens x vocab fp32 tensor (128k vocab!) is never held.
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 POLICY = "default"  # peft's adapter name for the trained policy
 REFERENCE = "reference"  # frozen copy of `lora.init_adapter`, when training starts from one
+CRITIC = "critic"  # the value's own adapter, with `lora.critic: adapter`
+CRITIC_DIR = "critic"  # where checkpoints and final/ keep the critic adapter
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,24 @@ def attach_adapters(base: Any, cfg: SwallowConfig, precision: Precision) -> Peft
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(base, config)
+    if lora.critic == "adapter":
+        _add_critic(model, cfg)
     return model
+
+
+def _add_critic(model: PeftModel, cfg: SwallowConfig) -> None:
+    """A second trainable adapter for the value: the policy's LoRA settings unless configured."""
+    import copy
+
+    config: Any = copy.deepcopy(model.peft_config[POLICY])  # a LoraConfig
+    config.r = cfg.lora.critic_r or config.r
+    config.lora_alpha = cfg.lora.critic_alpha or config.lora_alpha
+    config.inference_mode = False
+    model.add_adapter(CRITIC, config)
+    # peft leaves only the active adapter trainable: both are.
+    for name, p in model.named_parameters():
+        if f".{POLICY}." in name or f".{CRITIC}." in name:
+            p.requires_grad_(True)
 
 
 def build_policy_value(peft_model: PeftModel, hidden_size: int) -> Any:
@@ -181,7 +201,8 @@ def build_policy_value(peft_model: PeftModel, hidden_size: int) -> Any:
             top_p: float,
             chunk_size: int,
             with_values: bool = True,
-        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            with_logprobs: bool = True,
+        ) -> tuple[Any, Any, Any]:
             return response_forward(
                 self,
                 input_ids,
@@ -191,6 +212,7 @@ def build_policy_value(peft_model: PeftModel, hidden_size: int) -> Any:
                 top_p,
                 chunk_size,
                 with_values,
+                with_logprobs,
             )
 
     return _PolicyValue()
@@ -210,10 +232,12 @@ def response_forward(
     top_p: float,
     chunk_size: int,
     with_values: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    with_logprobs: bool = True,
+) -> tuple[Any, Any, Any]:
     """Log-probs, values and entropies of the response tokens (positions >= context_length).
 
-    Returns ([B, R] log-probs, [B, R] values or None, [B, R] entropies), float32.
+    Returns ([B, R] log-probs, [B, R] values, [B, R] entropies), float32; None for what was not
+    asked (a critic adapter's pass needs only values, the policy's pass then no values).
     """
 
     backbone = module.peft.get_base_model()
@@ -226,8 +250,10 @@ def response_forward(
     # The state before token t predicts token t: positions context-1 .. end-1.
     h = hidden[:, context_length - 1 : -1]
     targets = input_ids[:, context_length:]
-    logprobs, entropy = chunked_logprobs(
-        backbone.lm_head, h, targets, temperature, top_p, chunk_size
+    logprobs, entropy = (
+        chunked_logprobs(backbone.lm_head, h, targets, temperature, top_p, chunk_size)
+        if with_logprobs
+        else (None, None)
     )
     values = module.value_head(h.float()).squeeze(-1) if with_values else None
     return logprobs, values, entropy
@@ -294,31 +320,51 @@ def top_p_filter(logits: torch.Tensor, top_p: float, keep: torch.Tensor) -> torc
 
 
 @contextlib.contextmanager
+def _trainable_flags_kept(peft_model: PeftModel) -> Iterator[None]:
+    """peft's set_adapter (also called when disable_adapter ends) leaves only the active adapter
+    trainable; with a critic adapter both are. Put the flags back as they were."""
+    flags = [(p, p.requires_grad) for n, p in peft_model.named_parameters() if ".lora_" in n]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def adapter_mode(peft_model: PeftModel, name: str) -> Iterator[None]:
+    """Passes inside this block run with adapter `name` (then the policy's again).
+
+    With gradient checkpointing the backward pass recomputes the forward, so a backward must run
+    inside the same block as its forward.
+    """
+    with _trainable_flags_kept(peft_model):
+        peft_model.set_adapter(name)
+        try:
+            yield
+        finally:
+            peft_model.set_adapter(POLICY)
+
+
+@contextlib.contextmanager
 def reference_mode(peft_model: PeftModel) -> Iterator[None]:
     """Forward passes inside this block are the reference model's.
 
     Without a starting adapter the reference is the base with adapters disabled: no second copy.
     """
     if REFERENCE in peft_model.peft_config:
-        peft_model.set_adapter(REFERENCE)
-        try:
+        with adapter_mode(peft_model, REFERENCE):
             yield
-        finally:
-            peft_model.set_adapter(POLICY)
-            # set_adapter marks only the active adapter trainable: restore the policy's flags.
-            for name, p in peft_model.named_parameters():
-                if f".{POLICY}." in name:
-                    p.requires_grad_(True)
     else:
-        with peft_model.disable_adapter():
+        with _trainable_flags_kept(peft_model), peft_model.disable_adapter():
             yield
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def save_adapter(peft_model: PeftModel, directory: Path) -> None:
-    """Write the policy adapter in PEFT's format, from the LoRA parameters alone.
+def save_adapter(peft_model: PeftModel, directory: Path, name: str = POLICY) -> None:
+    """Write an adapter (the policy's by default) in PEFT's format, from its LoRA parameters alone.
 
     peft's own save_pretrained walks the whole state_dict; on the CPU backend bitsandbytes then
     repacks every 4-bit weight and round-trips its absmax, so the base the reference uses would
@@ -327,10 +373,20 @@ def save_adapter(peft_model: PeftModel, directory: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    params = {n: p for n, p in peft_model.named_parameters() if f".{POLICY}." in n}
+    params = {n: p for n, p in peft_model.named_parameters() if f".{name}." in n}
     state = get_peft_model_state_dict(
-        peft_model, state_dict=params, adapter_name=POLICY, save_embedding_layers=False
+        peft_model, state_dict=params, adapter_name=name, save_embedding_layers=False
     )
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    directory.mkdir(exist_ok=True)
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    peft_model.peft_config[POLICY].save_pretrained(str(directory))
+    peft_model.peft_config[name].save_pretrained(str(directory))
+
+
+def load_adapter_weights(peft_model: PeftModel, directory: Path, name: str, device: str) -> None:
+    """Put back the weights `save_adapter` wrote, into the adapter `name`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(directory / ADAPTER_WEIGHTS, device=device)
+    set_peft_model_state_dict(peft_model, weights, adapter_name=name)

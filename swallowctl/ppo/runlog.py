@@ -1,4 +1,4 @@
-"""What a run writes as it goes: metrics.jsonl, samples.jsonl, TensorBoard events.
+"""What a run writes as it goes: metrics.jsonl, samples.jsonl, TensorBoard events, W&B.
 
 Each JSONL line is one complete JSON document, flushed as written; after a resume the lines of
 updates past the checkpoint are dropped, so the files read as if the run had never stopped.
@@ -6,10 +6,13 @@ updates past the checkpoint are dropped, so the files read as if the run had nev
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,39 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
+WANDB_ID = "wandb_run_id"  # the W&B run id, kept so that --resume continues the same W&B run
+WANDB_PROJECT = "swallowctl"  # unless WANDB_PROJECT says otherwise
+
+# Whose import each reporter needs, and the extra that installs it.
+_REPORTERS = {"tensorboard": ("tensorboard", "train"), "wandb": ("wandb", "wandb")}
+# Config keys whose values are secrets, and values that look like tokens wherever they are.
+_SECRET_KEY = re.compile(r"token|secret|passw|api_?key|auth|credential|private_?key", re.I)
+_TOKEN_LIKE = re.compile(r"\b(?:hf_|sk-|ghp_|gho_|github_pat_|xox[abp]-)[A-Za-z0-9_-]{6,}")
+
+
+def check_reporters(report_to: list[str]) -> None:
+    """Fail before any model loads when `logging.report_to` names a package that is missing."""
+    for name in report_to:
+        package, extra = _REPORTERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise MissingDependencyError(package, extra, f"logging.report_to: {name}")
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """`value` (the resolved config) with secrets masked, for what leaves the machine: values
+    of secret-named keys, token-shaped strings, user:password and query values in URLs."""
+    from swallowctl.ppo.rewards import redact_url
+
+    if isinstance(value, dict):
+        return {k: redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = str(value)
+    if _SECRET_KEY.search(key) or _TOKEN_LIKE.search(text):
+        return "***"
+    return redact_url(text) if re.match(r"[a-z][a-z0-9+.-]*://", text, re.I) else text
 
 
 def _clean(value: Any) -> Any:
@@ -48,7 +84,15 @@ def truncate_after(path: Path, update: int) -> None:
 class RunLog:
     """Appends metrics and samples; mirrors scalars to TensorBoard (and W&B) when asked."""
 
-    def __init__(self, run_dir: Path, report_to: list[str], *, resume_from: int | None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        report_to: list[str],
+        *,
+        resume_from: int | None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        check_reporters(report_to)
         self.run_dir = run_dir
         if resume_from is not None:
             truncate_after(run_dir / METRICS, resume_from)
@@ -57,21 +101,39 @@ class RunLog:
         self._samples = open(run_dir / SAMPLES, "a", encoding="utf-8")  # noqa: SIM115
         self._tb: Any = None
         if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise MissingDependencyError("tensorboard", "train", "logging.report_to") from e
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(
                 log_dir=str(run_dir / "tensorboard"),
                 purge_step=(resume_from + 1 if resume_from is not None else None),
             )
         self._wandb: Any = None
         if "wandb" in report_to:
-            try:
-                import wandb
-            except ImportError as e:
-                raise MissingDependencyError("wandb", "train", "logging.report_to: wandb") from e
-            self._wandb = wandb.init(dir=str(run_dir), resume="allow", id=run_dir.name)
+            self._wandb = self._start_wandb(config or {}, resume=resume_from is not None)
+
+    def _start_wandb(self, config: dict[str, Any], *, resume: bool) -> Any:
+        """A W&B run (online, or offline with WANDB_MODE=offline) under the run directory
+        (unless WANDB_DIR says where), continued on --resume."""
+        import wandb
+
+        id_file = self.run_dir / WANDB_ID
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else None
+        if run_id is None:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n", encoding="utf-8")
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or WANDB_PROJECT,
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
+            config=redacted(config),
+            # Not sent: the command line and console (a --set can hold a token), git remotes
+            # (URLs with credentials), code. Sent: the masked config and the metrics.
+            settings=wandb.Settings(
+                console="off", x_disable_meta=True, disable_git=True, save_code=False
+            ),
+        )
 
     def metrics(self, update: int, values: dict[str, float]) -> None:
         row = {"update": update, **{k: _clean(v) for k, v in values.items()}}
