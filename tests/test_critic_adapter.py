@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import SMALL as TRAIN_SMALL
 
 from swallowctl.core.config import SwallowConfig, load_config
 from swallowctl.core.errors import ConfigError, UsageError
@@ -20,17 +21,7 @@ from swallowctl.infer import choose_model, open_backend, read_adapter
 from swallowctl.ppo.policy import CRITIC, POLICY
 from swallowctl.ppo.trainer import Interrupted, PPOTrainer
 
-SMALL = (
-    "model.name_or_path=builtin:tiny-ja",
-    "generation.max_new_tokens=8",
-    "ppo.per_device_train_batch_size=4",
-    "ppo.grad_accum_steps=1",
-    "ppo.ppo_epochs=2",
-    "ppo.lr=3e-3",
-    "logging.report_to=[]",
-    "rewards.0.function=japanese_ratio",
-    "lora.critic=adapter",
-)
+SMALL = (*TRAIN_SMALL, "lora.critic=adapter")  # the PPO tests' tiny run, with the adapter
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +64,7 @@ def micro_step(trainer: PPOTrainer, b: dict[str, Any], adv_scale: float, vf_coef
     returns = b["values"] + torch.linspace(0.5, -0.5, mask.numel()).reshape(mask.shape)
     idx = torch.arange(mask.shape[0])
     trainer.model.train()
-    trainer._micro_step(b["batch"].rows(idx), b, idx, advantages, returns, 1.0)
+    trainer._micro_step(b["batch"], b, advantages, returns, idx, len(idx), {})
     return grads(trainer)
 
 

@@ -640,20 +640,12 @@ class PPOTrainer:
 
         from swallowctl.ppo.policy import CRITIC, adapter_mode, reference_mode
 
-        g = self.cfg.generation
         chunk = self.plan.rollout_chunk
         lps, vals, refs = [], [], []
         with torch.no_grad():
             for i in range(0, batch.response.shape[0], chunk):
                 part = batch.rows(slice(i, i + chunk))
-                args = (
-                    part.input_ids,
-                    part.attention_mask,
-                    part.context_length,
-                    g.temperature,
-                    g.top_p,
-                    self.cfg.ppo.logits_chunk_size,
-                )
+                args = self._forward_args(part)
                 lp, v, _ = unwrapped(*args, with_values=not self.critic_adapter)
                 if self.critic_adapter:
                     with adapter_mode(unwrapped.peft, CRITIC):
@@ -878,17 +870,10 @@ class PPOTrainer:
 
         from swallowctl.ppo.policy import CRITIC, adapter_mode
 
-        p, g = self.cfg.ppo, self.cfg.generation
+        p = self.cfg.ppo
         part = batch.rows(idx)
         m = part.response_mask
-        args = (
-            part.input_ids,
-            part.attention_mask,
-            part.context_length,
-            g.temperature,
-            g.top_p,
-            p.logits_chunk_size,
-        )
+        args = self._forward_args(part)
 
         def backward(loss: Any) -> None:
             finite = bool(torch.isfinite(loss))
@@ -923,6 +908,19 @@ class PPOTrainer:
             ("policy/entropy_avg", algo.masked_mean(ent, m)),
         ):
             acc.setdefault(k, []).append(float(v.detach()))
+
+    def _forward_args(self, part: Any) -> tuple[Any, ...]:
+        """The policy forward's arguments for `part`: the sampling temperature and top-p too, so
+        log-probs are those of the distribution the tokens were drawn from."""
+        g = self.cfg.generation
+        return (
+            part.input_ids,
+            part.attention_mask,
+            part.context_length,
+            g.temperature,
+            g.top_p,
+            self.cfg.ppo.logits_chunk_size,
+        )
 
     def _nan_error(self, value: float) -> SwallowError:
         last = checkpoint.latest(self.run_dir)
