@@ -508,7 +508,7 @@ class CriticFreeTrainer:
         from swallowctl.ppo.rewards import RewardSet
 
         cfg = self.cfg
-        rows = load_prompts(cfg.data.prompts, cfg.mode(), mode_name=cfg.data.mode)
+        rows = load_prompts(cfg.data.prompts, cfg.mode(), mode_name=cfg.data.mode, announce=False)
         rewards = RewardSet.from_config(
             cfg.rewards,
             device=self.device,

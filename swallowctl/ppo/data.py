@@ -200,6 +200,7 @@ def load_prompts(
     *,
     limit: int | None = None,
     mode_name: str | None = None,
+    announce: bool = True,
 ) -> list[PromptRow]:
     """Read, validate and render the prompts named by `spec` for `mode`.
 
@@ -210,6 +211,8 @@ def load_prompts(
         mode_name: only for `builtin:prompts-ja`: which of its subsets to use. Default: the
             intervention rows for a mode whose choices are the intervention strategies, the chat
             rows for every other mode.
+        announce: log the count at INFO (else DEBUG: the trainers load again what
+            `check_inputs` already reported).
 
     Raises:
         DataError: `WHERE: what is wrong` for the first bad row, plus how many more there are;
@@ -236,7 +239,9 @@ def load_prompts(
                 hint='point data.prompts at a .jsonl file of {"prompt": ...} rows',
             )
     rows = _validate(records, mode, label, limit)
-    log.info("loaded %d prompts from %s", len(rows), label)
+    log.log(
+        logging.INFO if announce else logging.DEBUG, "loaded %d prompts from %s", len(rows), label
+    )
     return rows
 
 

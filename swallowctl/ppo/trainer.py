@@ -252,7 +252,7 @@ class PPOTrainer:
         if cfg.environment is not None:
             self._build_environment()
             return
-        rows = load_prompts(cfg.data.prompts, self.mode, mode_name=cfg.data.mode)
+        rows = load_prompts(cfg.data.prompts, self.mode, mode_name=cfg.data.mode, announce=False)
         self.stream = PromptStream(
             rows,
             seed=cfg.ppo.seed,
