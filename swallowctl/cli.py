@@ -364,6 +364,8 @@ AdapterOpt = Annotated[
     ),
 ]
 
+DEFAULT_EPISODES = 16  # infer --env: enough for a first accuracy figure, quick on a tiny model
+
 INFER_EXAMPLES = """Examples:
 
   swallowctl infer --adapter runs/ppo/final                    (chat; /reset /system /exit)
@@ -436,7 +438,9 @@ def infer(
     ] = None,
     episodes: Annotated[
         int | None,
-        typer.Option("--episodes", min=1, help="Episodes to play in the environment (16)."),
+        typer.Option(
+            "--episodes", min=1, help=f"Episodes to play in the environment ({DEFAULT_EPISODES})."
+        ),
     ] = None,
     max_steps: Annotated[
         int, typer.Option("--max-steps", min=1, help="End an --env episode after N steps.")
@@ -495,7 +499,8 @@ def infer(
     if in_env and engine is not None:
         from swallowctl.infer import episodes as play
 
-        with play.episode_progress(episodes or 16) as on_step:
+        n = episodes or DEFAULT_EPISODES
+        with play.episode_progress(n) as on_step:
             report = play.play_backend(
                 engine,
                 settings,
@@ -503,7 +508,7 @@ def infer(
                 env_class,
                 spec,
                 mode or cfg.data.mode,
-                episodes=episodes or 16,
+                episodes=n,
                 seed=cfg.ppo.seed if seed is None else seed,
                 batch_size=batch_size,
                 max_steps=max_steps,
