@@ -17,6 +17,7 @@ from hubserver import HubServer, use_hub
 
 from swallowctl import hub
 from swallowctl.core.errors import RuntimeFailure, UsageError
+from swallowctl.hub import transfer
 
 SWALLOW = "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.5"
 TWIN = "mlx-community/Llama-3.1-Swallow-8B-Instruct-v0.5-4bit"
@@ -70,7 +71,7 @@ def server(
     )
     with hub_server:
         use_hub(monkeypatch, hub_server, tmp_path)
-        monkeypatch.setattr(hub, "_RETRY_WAIT_S", 0.0)
+        monkeypatch.setattr(transfer, "_RETRY_WAIT_S", 0.0)
         yield hub_server
 
 
@@ -412,12 +413,14 @@ def test_not_enough_disk_space_fails_before_fetching(
     server: HubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = hub.plan_download()
-    monkeypatch.setattr(hub, "_free_bytes", lambda path: plan.remaining_bytes)  # < + margin
+    monkeypatch.setattr(transfer, "free_bytes", lambda path: plan.remaining_bytes)  # < margin
     with pytest.raises(RuntimeFailure, match="not enough disk space") as err:
         hub.download(plan)
     assert err.value.exit_code == 1 and "HF_HUB_CACHE" in (err.value.hint or "")
     assert resolve_gets(server) == []
-    monkeypatch.setattr(hub, "_free_bytes", lambda path: plan.remaining_bytes + hub._DISK_MARGIN)
+    monkeypatch.setattr(
+        transfer, "free_bytes", lambda path: plan.remaining_bytes + transfer.DISK_MARGIN
+    )
     assert hub.download(plan).fetched_bytes == plan.total_bytes
 
 
@@ -427,7 +430,7 @@ def test_disk_full_while_writing_is_one_line(
     def full(*args: object, **kwargs: object) -> tuple[int, int]:
         raise OSError(errno.ENOSPC, "No space left on device", "/cache/blobs/x.incomplete")
 
-    monkeypatch.setattr(hub, "_stream", full)
+    monkeypatch.setattr(transfer, "_stream", full)
     with pytest.raises(RuntimeFailure, match="no space left") as err:
         hub.download(hub.plan_download())
     assert err.value.exit_code == 1 and "partial files are kept" in (err.value.hint or "")

@@ -13,42 +13,34 @@ library offers is reused: its HTTP session (proxies, offline guard), auth header
 the standard cache layout (blobs/, snapshots/<commit>/, refs/), so transformers and `hf` find the
 files afterwards. Xet transfers are not used (plain HTTP, which the Hub serves to every client).
 
-Nothing heavy is imported at module level; huggingface_hub only inside functions.
+Modules: this one plans (names, patterns, the file list) and holds the public API; layout.py is
+the cache and local-dir layout, transfer.py the resumable, verified fetch, errors.py the one-line
+Hub errors. Nothing heavy is imported at module level; huggingface_hub only inside functions.
 """
 
 from __future__ import annotations
 
-import errno
 import fnmatch
-import hashlib
 import json
 import logging
 import os
 import posixpath
 import re
 import shutil
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 from swallowctl.core import models
-from swallowctl.core.errors import RuntimeFailure, SwallowError, UsageError
+from swallowctl.core.errors import RuntimeFailure, UsageError
+from swallowctl.hub.errors import hub_errors, one_line
+from swallowctl.hub.layout import Layout, hub_cache
+from swallowctl.hub.transfer import check_disk, fetch
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]  # (path in repo, bytes on disk, file size)
 
-_DISK_MARGIN = 64 * 2**20  # headroom for refs, locks and filesystem overhead
-_RETRIES = 3  # attempts in a row that bring no new byte before a file is given up for this run
-_RETRY_WAIT_S = 2.0
-_REPORT_EVERY = 2**20  # progress callbacks at most once per MiB
-_HASH_BLOCK = 8 * 2**20
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 _DEFAULT_REVISION = "main"
 
 
@@ -154,7 +146,7 @@ def plan_download(
         return _plan_offline(repo_id, rev, endpoint, include or [], exclude or [], local_dir)
     from huggingface_hub import HfApi
 
-    with _hub_errors(repo_id, rev, endpoint):
+    with hub_errors(repo_id, rev, endpoint):
         info = HfApi(endpoint=endpoint).model_info(repo_id, revision=rev, files_metadata=True)
     if not info.sha:
         raise RuntimeFailure(f"the Hub named no commit for {repo_id}@{rev}", hint="retry later")
@@ -163,7 +155,7 @@ def plan_download(
         RemoteFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else None, s.blob_id)
         for s in info.siblings or []
     ]
-    layout = _Layout(repo_id, local_dir)
+    layout = Layout(repo_id, local_dir)
     files, skipped = _select(listed, include or [], exclude or [], f"{repo_id}@{rev}")
     files = [_with_present(f, layout) for f in files]
     return _plan(repo_id, rev, commit, files, skipped, layout, endpoint, offline=False)
@@ -180,19 +172,19 @@ def download(
     to `on_progress(path, bytes_on_disk, size)`. Errors as for `plan_download`; partial files are
     kept for the next run.
     """
-    layout = _Layout(plan.repo_id, local_dir or plan.local_dir)
+    layout = Layout(plan.repo_id, local_dir or plan.local_dir)
     if plan.offline:
         return _download_offline(plan, layout)
     todo = {f.path: f for f in plan.files if not layout.is_complete(f)}
     remaining = sum(f.size - layout.partial_size(f) for f in todo.values())
-    _check_disk(layout.root, remaining)
+    check_disk(layout.root, remaining)
     fetched = resumed = 0
-    with _hub_errors(plan.repo_id, plan.revision, plan.endpoint):
+    with hub_errors(plan.repo_id, plan.revision, plan.endpoint):
         # The ref first: an interrupted run then shows in cache_status as "missing files".
         layout.write_ref(plan.revision, plan.commit)
         for f in plan.files:
             if f.path in todo:
-                got, kept = _fetch(plan, f, layout, on_progress)
+                got, kept = fetch(plan, f, layout, on_progress)
                 fetched, resumed = fetched + got, resumed + kept
             layout.publish(f, plan.commit)  # at once: a later failure keeps this file usable
     logger.info("%s@%s is at %s", plan.repo_id, plan.commit, layout.destination(plan.commit))
@@ -215,7 +207,7 @@ def cache_status(repo_id: str, revision: str | None = None) -> CacheStatus:
     and every shard model.safetensors.index.json lists (else model.safetensors) are present.
     """
     rev = revision or _DEFAULT_REVISION
-    layout = _Layout(repo_id, None)
+    layout = Layout(repo_id, None)
     commit = layout.read_ref(rev)
     snapshot = layout.storage / "snapshots" / commit if commit else None
     present: list[str] = []
@@ -232,7 +224,7 @@ def cache_status(repo_id: str, revision: str | None = None) -> CacheStatus:
     return CacheStatus(
         repo_id=repo_id,
         revision=rev,
-        cache_dir=_hub_cache(),
+        cache_dir=hub_cache(),
         commit=commit,
         snapshot=snapshot if snapshot is not None and snapshot.is_dir() else None,
         files=tuple(present),
@@ -273,7 +265,7 @@ def _repo_for(model: str | None, mlx: bool) -> str:
     try:
         validate_repo_id(raw)
     except HFValidationError as e:
-        raise UsageError(f"'{raw}' is not a valid Hub model id ({_one_line(e)})") from None
+        raise UsageError(f"'{raw}' is not a valid Hub model id ({one_line(e)})") from None
     return raw
 
 
@@ -330,7 +322,7 @@ def _select(
     return files, skipped
 
 
-def _with_present(f: RemoteFile, layout: _Layout) -> RemoteFile:
+def _with_present(f: RemoteFile, layout: Layout) -> RemoteFile:
     _safe_name(f.path)
     if not f.etag:
         raise RuntimeFailure(f"the Hub gave no blob id for {f.path}", hint="retry later")
@@ -344,7 +336,7 @@ def _plan(
     commit: str,
     files: list[RemoteFile],
     skipped: list[SkippedFile],
-    layout: _Layout,
+    layout: Layout,
     endpoint: str,
     *,
     offline: bool,
@@ -390,12 +382,12 @@ def _plan_offline(
         listed.append(RemoteFile(name, real.stat().st_size, lfs, None if lfs else real.name))
     files, skipped = _select(listed, include, exclude, f"{repo_id}@{rev}")
     files = [RemoteFile(f.path, f.size, f.sha256, f.blob_id, f.size) for f in files]
-    layout = _Layout(repo_id, local_dir)
+    layout = Layout(repo_id, local_dir)
     return _plan(repo_id, rev, status.commit, files, skipped, layout, endpoint, offline=True)
 
 
-def _download_offline(plan: DownloadPlan, layout: _Layout) -> DownloadResult:
-    snapshot = _Layout(plan.repo_id, None).destination(plan.commit)
+def _download_offline(plan: DownloadPlan, layout: Layout) -> DownloadResult:
+    snapshot = Layout(plan.repo_id, None).destination(plan.commit)
     if layout.local_dir is not None:  # copy out of the cache: there is no network to use
         for f in plan.files:
             dst = layout.local_dir / f.path
@@ -430,282 +422,6 @@ def _missing(snapshot: Path | None, present: set[str]) -> tuple[str, ...]:
     return tuple(n for n in need if n not in present)
 
 
-# ---- where files go --------------------------------------------------------------------------
-
-
-class _Layout:
-    """The HF cache layout of one repo (blobs/, snapshots/, refs/), or a `--local-dir`.
-
-    A cache partial is `blobs/<etag>.incomplete`, the name huggingface_hub <= 1.17 resumed from
-    (2.x adds a random suffix, so the two never write the same file). A local dir keeps partials
-    and `hf download`-format metadata under `<local_dir>/.cache/huggingface/download/`.
-    """
-
-    def __init__(self, repo_id: str, local_dir: Path | None) -> None:
-        self.local_dir = local_dir.expanduser().absolute() if local_dir else None
-        self.folder = "models--" + repo_id.replace("/", "--")
-        self.storage = _hub_cache() / self.folder
-
-    @property
-    def root(self) -> Path:
-        return self.local_dir or self.storage
-
-    def destination(self, commit: str) -> Path:
-        return self.local_dir or self.storage / "snapshots" / commit
-
-    def final(self, f: RemoteFile) -> Path:
-        return self.local_dir / f.path if self.local_dir else self.storage / "blobs" / f.etag
-
-    def partial(self, f: RemoteFile) -> Path:
-        if self.local_dir is None:
-            return self.storage / "blobs" / f"{f.etag}.incomplete"
-        return self._meta(f.path).with_name(f"{Path(f.path).name}.{f.etag}.incomplete")
-
-    def lock(self, f: RemoteFile) -> Path:
-        if self.local_dir is None:  # the lock huggingface_hub takes for the same blob
-            return _hub_cache() / ".locks" / self.folder / f"{f.etag}.lock"
-        return self.partial(f).with_suffix(".lock")
-
-    def partial_size(self, f: RemoteFile) -> int:
-        p = self.partial(f)
-        return p.stat().st_size if p.is_file() else 0
-
-    def is_complete(self, f: RemoteFile) -> bool:
-        final = self.final(f)
-        if not (final.is_file() and final.stat().st_size == f.size):
-            return False
-        # A local dir file counts only with metadata naming this etag (the `hf download` format).
-        return self.local_dir is None or self._read_meta(f.path) == f.etag
-
-    def publish(self, f: RemoteFile, commit: str) -> None:
-        """Make a complete file visible: the snapshot link, or the local dir's metadata."""
-        if self.local_dir is not None:
-            if self._read_meta(f.path) != f.etag:
-                self._meta(f.path).parent.mkdir(parents=True, exist_ok=True)
-                self._meta(f.path).write_text(f"{commit}\n{f.etag}\n{time.time()}\n")
-            return
-        blob, link = self.final(f), self.storage / "snapshots" / commit / f.path
-        if link.is_symlink() and link.resolve() == blob.resolve():
-            return
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        try:
-            os.symlink(os.path.relpath(blob, link.parent), link)
-        except OSError:  # no symlinks here (Windows without developer mode): copy, as hf does
-            shutil.copyfile(blob, link)
-
-    def write_ref(self, revision: str, commit: str) -> None:
-        if self.local_dir is None and revision != commit:
-            ref = self.storage / "refs" / revision
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-            tmp.write_text(commit)
-            os.replace(tmp, ref)  # readers never see a half-written ref
-
-    def read_ref(self, revision: str) -> str | None:
-        if _COMMIT.fullmatch(revision) and (self.storage / "snapshots" / revision).is_dir():
-            return revision
-        try:
-            commit = (self.storage / "refs" / revision).read_text().strip()
-        except OSError:
-            return None
-        return commit if _COMMIT.fullmatch(commit) else None
-
-    def _meta(self, path: str) -> Path:
-        assert self.local_dir is not None
-        return self.local_dir / ".cache" / "huggingface" / "download" / f"{path}.metadata"
-
-    def _read_meta(self, path: str) -> str | None:
-        try:
-            return self._meta(path).read_text().splitlines()[1].strip()
-        except (OSError, IndexError):
-            return None
-
-
-# ---- the transfer ----------------------------------------------------------------------------
-
-
-def _fetch(
-    plan: DownloadPlan, f: RemoteFile, layout: _Layout, on_progress: ProgressFn | None
-) -> tuple[int, int]:
-    """Bring one file into place; return (bytes fetched now, bytes kept from an earlier run)."""
-    import httpx2
-    from huggingface_hub.utils import WeakFileLock, build_hf_headers
-
-    partial, final = layout.partial(f), layout.final(f)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    layout.lock(f).parent.mkdir(parents=True, exist_ok=True)
-    url = f"{plan.endpoint}/{plan.repo_id}/resolve/{quote(plan.commit, safe='')}/{quote(f.path)}"
-    # Identity encoding: a Range must count bytes of the file, not of a gzip stream.
-    headers = {**build_hf_headers(library_name="swallowctl"), "Accept-Encoding": "identity"}
-    with WeakFileLock(layout.lock(f)):  # one writer per partial file, across processes
-        kept = layout.partial_size(f)
-        if kept > f.size:
-            partial.unlink()
-            kept = 0
-        start, stalls, received = kept, 0, 0
-        logger.info("fetching %s (%s of %s bytes to go)", f.path, f.size - start, f.size)
-        while start < f.size:
-            try:
-                start, got = _stream(url, headers, partial, start, f, on_progress)
-                received, stalls = received + got, 0
-            except httpx2.TransportError as e:
-                end = layout.partial_size(f)
-                received += max(end - start, 0)
-                stalls = 0 if end > start else stalls + 1
-                if stalls > _RETRIES:
-                    raise
-                logger.warning("connection lost in %s at byte %d (%s); resuming", f.path, end, e)
-                time.sleep(_RETRY_WAIT_S)
-                start = end
-        _verify(partial, f)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
-    # Bytes not received now were kept from an earlier run (0 when the server ignored Range).
-    return received, max(f.size - received, 0)
-
-
-def _stream(
-    url: str,
-    headers: dict[str, str],
-    partial: Path,
-    start: int,
-    f: RemoteFile,
-    on_progress: ProgressFn | None,
-) -> tuple[int, int]:
-    """Append bytes [start, size) of the file to `partial`; return (bytes on disk, received)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session, hf_raise_for_status
-
-    request = {**headers, "Range": f"bytes={start}-"} if start else headers
-    session = get_session()
-    with session.stream(
-        "GET", url, headers=request, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT
-    ) as r:
-        if r.status_code == 416:  # the partial is no prefix of this file: start over
-            partial.unlink(missing_ok=True)
-            return 0, 0
-        hf_raise_for_status(r)
-        if r.status_code == 200:  # no Range sent, or the server ignored it
-            start = 0
-        with partial.open("r+b" if partial.exists() else "wb") as out:
-            out.seek(start)
-            out.truncate()
-            done = last = start
-            if on_progress:
-                on_progress(f.path, done, f.size)
-            for chunk in r.iter_bytes():
-                out.write(chunk)
-                done += len(chunk)
-                if done > f.size:
-                    raise RuntimeFailure(f"the Hub sent more than {f.size} bytes for {f.path}")
-                if on_progress and (done - last >= _REPORT_EVERY or done == f.size):
-                    on_progress(f.path, done, f.size)
-                    last = done
-    return done, done - start
-
-
-def _verify(partial: Path, f: RemoteFile) -> None:
-    """Size, then sha256 (LFS) or the git blob id; a bad file is deleted, never published."""
-    size = partial.stat().st_size
-    h = hashlib.sha256() if f.sha256 else hashlib.sha1(b"blob %d\0" % size)
-    with partial.open("rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            h.update(block)
-    if size != f.size or h.hexdigest() != f.etag:
-        partial.unlink()
-        raise RuntimeFailure(
-            f"{f.path} arrived corrupted (size {size} of {f.size}, or its hash differs)",
-            hint="the broken copy was removed; run the same command again",
-        )
-
-
-def _check_disk(target: Path, remaining: int) -> None:
-    need = remaining + _DISK_MARGIN if remaining else 0
-    free = _free_bytes(target)
-    if need > free:
-        raise RuntimeFailure(
-            f"not enough disk space at {_nearest_existing(target)}: the download needs "
-            f"{_human(need)} (with a {_human(_DISK_MARGIN)} margin), {_human(free)} free",
-            hint="free some space, or point HF_HUB_CACHE / --local-dir at a larger disk",
-        )
-
-
-def _free_bytes(path: Path) -> int:
-    """Free bytes on the disk that holds `path` (or its nearest existing parent)."""
-    return shutil.disk_usage(_nearest_existing(path)).free
-
-
-# ---- errors ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def _hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
-    """Turn every Hub, network and disk failure into one actionable SwallowError line."""
-    import httpx2  # huggingface_hub's HTTP client
-    from huggingface_hub import errors as hf
-
-    at = f"'{repo_id}' (revision {revision})"
-    again = "run the same command again: finished files and partial files are kept"
-    try:
-        yield
-    except SwallowError:
-        raise
-    except hf.GatedRepoError as e:
-        login = "then `hf auth login` or set HF_TOKEN, and " + again
-        if _status(e) == 403:
-            login = "the token in use has no access yet: accept with that account, or " + login
-        raise RuntimeFailure(
-            f"model {at} is gated: accept its licence at {endpoint}/{repo_id}", hint=login
-        ) from None
-    except hf.RepositoryNotFoundError:
-        matches = models.close_matches(repo_id)
-        maybe = f"did you mean {' or '.join(map(repr, matches))}? " if matches else ""
-        raise UsageError(
-            f"model '{repo_id}' was not found on the Hub ({endpoint})",
-            hint=maybe + "check the spelling (org/name); a private repo needs `hf auth login`",
-        ) from None
-    except hf.RevisionNotFoundError:
-        raise UsageError(
-            f"model '{repo_id}' has no revision '{revision}'",
-            hint="use a branch, tag or full commit id that exists (default: main)",
-        ) from None
-    except hf.RemoteEntryNotFoundError as e:
-        raise RuntimeFailure(f"a file of {at} vanished from the Hub: {_one_line(e)}") from None
-    except hf.OfflineModeIsEnabled:
-        raise RuntimeFailure(
-            f"offline (HF_HUB_OFFLINE): cannot fetch {at}", hint="unset HF_HUB_OFFLINE"
-        ) from None
-    except hf.HfHubHTTPError as e:
-        status = _status(e)
-        if status in (401, 403):
-            raise RuntimeFailure(
-                f"the Hub refused access to {at} (HTTP {status})",
-                hint=f"log in with `hf auth login` or set HF_TOKEN, then {again}",
-            ) from None
-        raise RuntimeFailure(
-            f"the Hub failed while serving {at} (HTTP {status})",
-            hint=f"wait a little, then {again}",
-        ) from None
-    except (httpx2.TransportError, hf.LocalEntryNotFoundError) as e:
-        raise RuntimeFailure(
-            f"network error talking to {endpoint} about {at}: {_one_line(e)}",
-            hint=f"check the connection or HF_ENDPOINT, then {again}",
-        ) from None
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise RuntimeFailure(
-                f"no space left on the disk while fetching {at} ({e.filename or 'cache'})",
-                hint=f"free some space or set HF_HUB_CACHE / --local-dir elsewhere, then {again}",
-            ) from None
-        raise RuntimeFailure(f"cannot write {at} to disk: {_one_line(e)}") from None
-
-
-def _status(e: Any) -> int | None:
-    response = getattr(e, "response", None)
-    return response.status_code if response is not None else None
-
-
 # ---- small helpers ---------------------------------------------------------------------------
 
 
@@ -714,17 +430,6 @@ def _safe_name(path: str) -> None:
     parts = path.replace("\\", "/").split("/")
     if path.startswith(("/", "\\")) or ".." in parts or re.match(r"[A-Za-z]:", path):
         raise RuntimeFailure(f"the repo lists an unsafe file name {path!r}; refusing to fetch it")
-
-
-def _hub_cache() -> Path:
-    # Read at call time, not at huggingface_hub's import: a later HF_HOME/HF_HUB_CACHE counts.
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 def _endpoint() -> str:
@@ -740,21 +445,3 @@ def _offline() -> bool:
         os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
     )
     return bool(constants.HF_HUB_OFFLINE) or any(v in {"1", "ON", "YES", "TRUE"} for v in flags)
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.expanduser().absolute()
-    return next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor or "/"))
-
-
-def _one_line(error: BaseException) -> str:
-    """First line of an error, shortened, with anything token-shaped masked."""
-    text = (str(error).strip() or type(error).__name__).splitlines()[0]
-    token = os.environ.get("HF_TOKEN")
-    if token:
-        text = text.replace(token, "***")
-    return _TOKEN_LIKE.sub("hf_***", text)[:200]
-
-
-def _human(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
