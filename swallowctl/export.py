@@ -37,6 +37,7 @@ from swallowctl.infer import (
     read_adapter,
 )
 from swallowctl.infer.fit import check_fits
+from swallowctl.ppo.checkpoint import install
 
 if TYPE_CHECKING:
     import numpy as np
@@ -152,9 +153,9 @@ def _build_into(output: Path, build: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         build(tmp)
-        if output.exists():  # check_output allowed it: empty, or --force
-            shutil.rmtree(output)
-        tmp.rename(output)
+        # check_output allowed an existing output (empty, or --force): the old one is set aside
+        # and removed only once the new one is in place, so a kill in between loses neither.
+        install(tmp, output)
     except Exception as e:
         reason = io_reason(e)
         if reason is None:

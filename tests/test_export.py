@@ -142,6 +142,7 @@ def test_existing_output_refused_before_any_load(
     r = runner.invoke(app, [*args, "--json"])
     assert r.exit_code == 0, r.stderr
     assert not (out / "old.txt").exists() and (out / "adapters.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no set-aside copy is left
     assert json.loads(r.stdout)["format"] == "mlx-adapter"
 
 
