@@ -604,7 +604,10 @@ class PPOTrainer:
             components.update(extra[1])
         elif self.cfg.ppo.missing_eos_penalty is not None:
             scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
-        metrics = self._merged(env_tally(outcomes, texts, mode, graded=pool.reports_correct))
+        tally = env_tally(
+            outcomes, texts, mode, graded=pool.reports_correct, info_keys=pool.info_keys
+        )
+        metrics = self._merged(tally)
         metrics["env/observe_wait_s"] = t_observed - t0
         metrics["env/step_wait_s"] = t_done - t_waiting
         return {
@@ -757,6 +760,8 @@ class PPOTrainer:
             policy=CallPolicy(timeout_s=env.timeout_s, retries=env.retries),
             parallel=size,
             concurrency=env.concurrency,
+            graded=self.env_pool.reports_correct,
+            info_keys=self.env_pool.info_keys,
         )
         out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(report.tally).items()}
         out["eval/score"] = out["eval/episode_return"]
@@ -925,9 +930,10 @@ class PPOTrainer:
     def _nan_error(self, value: float) -> SwallowError:
         last = checkpoint.latest(self.run_dir)
         return RuntimeFailure(
-            f"the loss became {value} (not a number); training stopped before applying it",
+            f"the loss became {value} (not finite); training stopped before applying it",
             hint=(f"the last good checkpoint is {last}; " if last else "")
-            + "lower ppo.lr or ppo.cliprange, check the rewards for inf/NaN, then --resume",
+            # inf/NaN rewards never get this far (refused, or "no value"): a huge one does.
+            + "lower ppo.lr or ppo.cliprange, check the rewards' scale, then --resume",
         )
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
