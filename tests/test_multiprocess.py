@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from swallowctl import launch
 from swallowctl.cli import app
 from swallowctl.core.config import load_config
+from swallowctl.ppo.environment import episode_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -238,6 +240,16 @@ ENV_TINY = (
 )
 
 
+def _env_pools(checkpoint: Path) -> list[dict[str, Any]]:
+    """Each process's saved environments: its own rank, other seeds than the other's."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    pools = [r["environment"] for r in state["ranks"]]
+    assert [p["rank"] for p in pools] == [0, 1]
+    seeds = [{s["env"]["seed"] for s in p["slots"]} for p in pools]
+    assert len(seeds[0]) == len(seeds[1]) == 4 and not seeds[0] & seeds[1]
+    return pools
+
+
 def _env_args(run: Path, *more: str) -> list[str]:
     sets = [a for s in (*ENV_TINY, f"output.dir={run}", *more) for a in ("--set", s)]
     return ["train", "-c", str(ROOT / "examples" / "intervention.yaml"), *sets]
@@ -248,26 +260,22 @@ def test_environment_training_in_two_processes_stops_resumes_and_logs_every_key(
     tmp_path: Path,
 ) -> None:
     run = tmp_path / "run"
-    argv = [*_env_args(run, "ppo.total_updates=3", "output.save_steps=1"), "--num-processes", "2"]
+    argv = [*_env_args(run, "ppo.total_updates=5", "output.save_steps=1"), "--num-processes", "2"]
     code, err = _sigterm_rank1_after_checkpoint_1(run, argv)
     assert code == 130, err
     stopped_at = int(err.split("after update ")[1].split(";")[0])
-    state = json.loads((run / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())
-    pools = [r["environment"] for r in state["ranks"]]
-    # Each process plays its own episodes: its own rank, and other seeds in every slot.
-    assert [p["rank"] for p in pools] == [0, 1]
-    seeds = [{s["env"]["seed"] for s in p["slots"]} for p in pools]
-    assert len(seeds[0]) == len(seeds[1]) == 4 and not seeds[0] & seeds[1]
+    assert 1 <= stopped_at <= 3
+    pools = _env_pools(run / f"checkpoint-{stopped_at}")
 
     resumed = swallowctl(*argv, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "Traceback" not in resumed.stderr
     names = sorted(p.name for p in run.iterdir())
-    checkpoints = [f"checkpoint-{i}" for i in range(1, max(stopped_at, 2) + 1)]
+    checkpoints = [f"checkpoint-{i}" for i in range(2, 5)]  # save_total_limit: 3
     assert names == ["best", *checkpoints, "config.yaml", "final", "metrics.jsonl", "samples.jsonl"]
     assert (run / "final" / "COMPLETE").is_file()
     rows = metrics(run)
-    assert [m["update"] for m in rows] == [1, 2, 3]
+    assert [m["update"] for m in rows] == [1, 2, 3, 4, 5]
     mode = load_config(ROOT / "examples" / "intervention.yaml").config.mode()
     labels = {f"choice/{label}" for label in mode.choices.values()}
     keys = [{k for k in m if k.startswith(("env/", "choice/", "eval/"))} for m in rows]
@@ -285,6 +293,17 @@ def test_environment_training_in_two_processes_stops_resumes_and_logs_every_key(
     for s in first:
         saved = pools[0]["slots"][s["env"]]
         assert (s["episode"], s["step"]) == (saved["episode"], saved["steps"])
+    # And each process went on with its own environments (not rank 0's, not fresh ones).
+    for rank, (then, now) in enumerate(
+        zip(pools, _env_pools(run / f"checkpoint-{stopped_at + 1}"), strict=True)
+    ):
+        for slot, (a, b) in enumerate(zip(then["slots"], now["slots"], strict=True)):
+            next_one = episode_seed(42, rank, slot, a["episode"] + 1)
+            assert (b["episode"], b["env"]["seed"]) in {
+                (a["episode"], a["env"]["seed"]),
+                (a["episode"] + 1, next_one),
+            }
+            assert b["episode"] > a["episode"] or b["steps"] in (a["steps"], a["steps"] + 1)
 
 
 @pytest.mark.slow
