@@ -336,3 +336,36 @@ def test_a_loss_overflowing_in_one_process_ends_both_with_one_line(tmp_path: Pat
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "final").exists()
     assert metrics(tmp_path / "run") == []  # stopped before update 1 was applied or logged
+
+
+@pytest.mark.slow
+def test_an_environment_failing_in_one_process_ends_both_with_one_line(tmp_path: Path) -> None:
+    # Process 0 used to wait in the metrics merge while process 1 reported: a hang.
+    (tmp_path / "rank_env.py").write_text(
+        "import os\n\n"
+        "from examples.intervention_env import InterventionEnv\n\n\n"
+        "class RankEnv(InterventionEnv):\n"
+        "    def observe(self):\n"
+        "        if os.environ.get('RANK') == '1':\n"
+        "            raise ValueError('only process 1 breaks')\n"
+        "        return super().observe()\n",
+        encoding="utf-8",
+    )
+    argv = _env_args(
+        tmp_path / "run",
+        "ppo.total_updates=2",
+        "environment.entrypoint=rank_env:RankEnv",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
+        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("error: process 1: ") and "only process 1 breaks" in errors[0]
+    assert "RankEnv.observe" in errors[0] and "Traceback" not in r.stderr

@@ -429,6 +429,8 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         b = self._together(self._any_rollout)  # a reward function or environment may fail
+        if "tally" in b:  # merged (a collective) only once every process got this far
+            b["metrics"] = {**self._merged(b.pop("tally")), **b["metrics"]}
         t1 = time.perf_counter()
         stats = self._optimize(b)
         t2 = time.perf_counter()
@@ -444,7 +446,10 @@ class PPOTrainer:
             stats["memory/peak_bytes"] = float(torch.cuda.max_memory_allocated())
         self._update_controllers(stats)
         if self._eval_due(update):
-            stats.update(self._reduce(self._together(self._evaluate)))
+            if self.env_pool is None:
+                stats.update(self._reduce(self._together(self._evaluate)))
+            else:  # as above: episodes may fail on one process; merge after they all played
+                stats.update(self._env_eval_metrics(self._together(self._env_evaluate)))
         # The main process writes; if its disk fails, the others must not wait on it.
         self._together(lambda: self._log(update, stats, b["samples"]), main_only=True)
         return stats
@@ -607,9 +612,6 @@ class PPOTrainer:
         tally = env_tally(
             outcomes, texts, mode, graded=pool.reports_correct, info_keys=pool.info_keys
         )
-        metrics = self._merged(tally)
-        metrics["env/observe_wait_s"] = t_observed - t0
-        metrics["env/step_wait_s"] = t_done - t_waiting
         return {
             "batch": batch,
             "logprobs": logprobs,
@@ -617,7 +619,11 @@ class PPOTrainer:
             "ref_logprobs": ref_logprobs,
             "scores": scores,
             "components": components,
-            "metrics": metrics,
+            "tally": tally,
+            "metrics": {
+                "env/observe_wait_s": t_observed - t0,
+                "env/step_wait_s": t_done - t_waiting,
+            },
             "samples": [
                 {
                     # What the policy saw (the mode's layout of the observation).
@@ -717,8 +723,6 @@ class PPOTrainer:
 
     def _evaluate(self) -> dict[str, float]:
         """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
-        if self.env_pool is not None:
-            return self._env_evaluate()
         rows = self.eval_rows
         batch = self._greedy([r.messages for r in rows])
         texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
@@ -729,8 +733,9 @@ class PPOTrainer:
             out[f"eval/{label}"] = sum(finite) / len(finite) if finite else float("nan")
         return out
 
-    def _env_evaluate(self) -> dict[str, float]:
-        """Greedy episodes in fresh environments, the same seeds every time: `eval/*` metrics.
+    def _env_evaluate(self) -> Any:
+        """Greedy episodes in fresh environments, the same seeds every time: this process's
+        tally (`_env_eval_metrics` makes the `eval/*` metrics of every process's).
 
         `per_device_eval_batch_size` episodes per process, played side by side (process r plays
         episodes r, r + P, ...); the training pool is not touched. `eval/score` is the mean
@@ -763,7 +768,10 @@ class PPOTrainer:
             graded=self.env_pool.reports_correct,
             info_keys=self.env_pool.info_keys,
         )
-        out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(report.tally).items()}
+        return report.tally
+
+    def _env_eval_metrics(self, tally: Any) -> dict[str, float]:
+        out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(tally).items()}
         out["eval/score"] = out["eval/episode_return"]
         return out
 
