@@ -28,9 +28,11 @@ from swallowctl.core.errors import RuntimeFailure
 from swallowctl.core.modes import ModeSpec
 from swallowctl.infer.episodes import play_episodes
 from swallowctl.ppo.environment import (
+    EnvPool,
     Observation,
     StepOutcome,
     StepResult,
+    collect,
     env_metrics,
     env_tally,
     finish_tally,
@@ -352,6 +354,43 @@ def test_tallies_of_two_processes_merge_to_the_metrics_of_all_their_steps() -> N
         k for k in t0 if k.startswith("choice/")
     }
     assert math.isnan(finish_tally(empty)["choice/accuracy"])
+
+
+class InfoEnv:
+    """Reports info key `x` and the right answer on every step."""
+
+    def __init__(self, settings: dict[str, Any], sections: dict[str, Any]) -> None:
+        pass
+
+    def reset(self, seed: int) -> None:
+        pass
+
+    def observe(self) -> Observation:
+        return Observation(messages=[{"role": "user", "content": "?"}])
+
+    def step(self, completion: str, choice: str | None, state: dict[str, Any]) -> StepResult:
+        return StepResult(1.0, False, {"x": 2, "correct": "left"})
+
+
+def test_a_window_without_steps_keeps_the_info_keys_and_grading_seen_before() -> None:
+    pool = EnvPool(InfoEnv, {}, {}, num_envs=1, seed=0)
+    o = pool.observation(0)
+    collect([pool.step_async(0, "a", "left", o.state)])
+    assert pool.info_keys == {"x"} and pool.reports_correct
+    # The next window is all output errors (not stepped): the same keys, no values.
+    window = [pool.skip(0)]
+    before = env_tally(window, ["zzz"], MODE)
+    assert "env/info/x" not in before  # as it was: metrics lines lost keys now and then
+    tally = env_tally(window, ["zzz"], MODE, graded=pool.reports_correct, info_keys=pool.info_keys)
+    after = finish_tally(tally)
+    assert math.isnan(after["env/info/x"]) and after["choice/accuracy"] == 0.0
+    # A resumed pool knows them too.
+    saved = pool.state_dict()
+    pool.close()
+    again = EnvPool(InfoEnv, {}, {}, num_envs=1, seed=0)
+    again.load_state_dict(saved)
+    assert again.info_keys == {"x"} and again.reports_correct
+    again.close()
 
 
 WORKER = """

@@ -255,8 +255,9 @@ def test_output_errors_are_penalized_and_stepped_only_when_asked(tmp_path: Path,
     else:
         assert ChoiceEnv.seen.count(None) == len(errors)
         assert all(s["score"] == pytest.approx(penalty + 0.5) for s in errors)
-    assert b["metrics"]["choice/output_error"] == len(errors) / len(samples)
-    accuracy = b["metrics"]["choice/accuracy"]
+    metrics = trainer._merged(b["tally"])
+    assert metrics["choice/output_error"] == len(errors) / len(samples)
+    accuracy = metrics["choice/accuracy"]
     if ChoiceEnv.seen:  # graded: output errors count as wrong answers
         assert accuracy == pytest.approx(sum(s["choice"] == "bridge" for s in samples) / 4)
     else:  # nothing was stepped, so nothing could be graded: no value rather than a fake 0

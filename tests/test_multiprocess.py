@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -19,6 +20,8 @@ from typer.testing import CliRunner
 
 from swallowctl import launch
 from swallowctl.cli import app
+from swallowctl.core.config import load_config
+from swallowctl.ppo.environment import episode_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = (
@@ -225,3 +228,144 @@ def test_launcher_flags_inside_a_launched_process_are_refused(
     r = CliRunner().invoke(app, ["train", "--num-processes", "2", "--dry-run"])
     assert r.exit_code == 2
     assert "already started by a launcher" in r.output
+
+
+# Environment training (examples/intervention.yaml) at test sizes: 4 environments per process.
+ENV_TINY = (
+    "ppo.per_device_train_batch_size=4",
+    "ppo.ppo_epochs=1",
+    "ppo.enable_deterministic_eval=true",
+    "ppo.deterministic_eval_frequency=1",
+    "ppo.per_device_eval_batch_size=2",
+)
+
+
+def _env_pools(checkpoint: Path) -> list[dict[str, Any]]:
+    """Each process's saved environments: its own rank, other seeds than the other's."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    pools = [r["environment"] for r in state["ranks"]]
+    assert [p["rank"] for p in pools] == [0, 1]
+    seeds = [{s["env"]["seed"] for s in p["slots"]} for p in pools]
+    assert len(seeds[0]) == len(seeds[1]) == 4 and not seeds[0] & seeds[1]
+    return pools
+
+
+def _env_args(run: Path, *more: str) -> list[str]:
+    sets = [a for s in (*ENV_TINY, f"output.dir={run}", *more) for a in ("--set", s)]
+    return ["train", "-c", str(ROOT / "examples" / "intervention.yaml"), *sets]
+
+
+@pytest.mark.slow
+def test_environment_training_in_two_processes_stops_resumes_and_logs_every_key(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    argv = [*_env_args(run, "ppo.total_updates=5", "output.save_steps=1"), "--num-processes", "2"]
+    code, err = _sigterm_rank1_after_checkpoint_1(run, argv)
+    assert code == 130, err
+    stopped_at = int(err.split("after update ")[1].split(";")[0])
+    assert 1 <= stopped_at <= 3
+    pools = _env_pools(run / f"checkpoint-{stopped_at}")
+
+    resumed = swallowctl(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    names = sorted(p.name for p in run.iterdir())
+    checkpoints = [f"checkpoint-{i}" for i in range(2, 5)]  # save_total_limit: 3
+    assert names == ["best", *checkpoints, "config.yaml", "final", "metrics.jsonl", "samples.jsonl"]
+    assert (run / "final" / "COMPLETE").is_file()
+    rows = metrics(run)
+    assert [m["update"] for m in rows] == [1, 2, 3, 4, 5]
+    mode = load_config(ROOT / "examples" / "intervention.yaml").config.mode()
+    labels = {f"choice/{label}" for label in mode.choices.values()}
+    keys = [{k for k in m if k.startswith(("env/", "choice/", "eval/"))} for m in rows]
+    assert all(k == keys[0] for k in keys), [sorted(k ^ keys[0]) for k in keys]
+    assert labels | {"choice/output_error", "choice/accuracy"} <= keys[0]
+    assert {f"eval/{k}" for k in labels} <= keys[0]
+    for m in rows:
+        assert m["eval/episodes"] == 4  # 2 per process, episodes 0..3 shared out, not repeated
+        assert sum(m[k] for k in (*labels, "choice/output_error")) == pytest.approx(1)
+    # Rank 0's samples of the first resumed update continue its saved episodes.
+    first = [
+        s for s in map(json.loads, (run / "samples.jsonl").open()) if s["update"] == stopped_at + 1
+    ]
+    assert first
+    for s in first:
+        saved = pools[0]["slots"][s["env"]]
+        assert (s["episode"], s["step"]) == (saved["episode"], saved["steps"])
+    # And each process went on with its own environments (not rank 0's, not fresh ones).
+    for rank, (then, now) in enumerate(
+        zip(pools, _env_pools(run / f"checkpoint-{stopped_at + 1}"), strict=True)
+    ):
+        for slot, (a, b) in enumerate(zip(then["slots"], now["slots"], strict=True)):
+            next_one = episode_seed(42, rank, slot, a["episode"] + 1)
+            assert (b["episode"], b["env"]["seed"]) in {
+                (a["episode"], a["env"]["seed"]),
+                (a["episode"] + 1, next_one),
+            }
+            assert b["episode"] > a["episode"] or b["steps"] in (a["steps"], a["steps"] + 1)
+
+
+@pytest.mark.slow
+def test_a_loss_overflowing_in_one_process_ends_both_with_one_line(tmp_path: Path) -> None:
+    # NaN rewards mean "no value" and inf ones are refused: what reaches the loss is a huge
+    # finite reward. 1e30 on process 1 only: its value loss overflows float32 there (inf);
+    # process 0's stays finite (advantages are whitened over both: finite, near 0).
+    (tmp_path / "rank_reward.py").write_text(
+        "import os\n\n\n"
+        "def score(prompts, completions, completion_ids, **kwargs):\n"
+        "    return [1e30 if os.environ.get('RANK') == '1' else 0.0] * len(completions)\n",
+        encoding="utf-8",
+    )
+    argv = _env_args(
+        tmp_path / "run", "ppo.total_updates=2", 'rewards=[{function: "rank_reward:score"}]'
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
+        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,  # a hang would end here
+    )
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: process 1: the loss became inf (not finite); training stopped before applying it"
+    ], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "final").exists()
+    assert metrics(tmp_path / "run") == []  # stopped before update 1 was applied or logged
+
+
+@pytest.mark.slow
+def test_an_environment_failing_in_one_process_ends_both_with_one_line(tmp_path: Path) -> None:
+    # Process 0 used to wait in the metrics merge while process 1 reported: a hang.
+    (tmp_path / "rank_env.py").write_text(
+        "import os\n\n"
+        "from examples.intervention_env import InterventionEnv\n\n\n"
+        "class RankEnv(InterventionEnv):\n"
+        "    def observe(self):\n"
+        "        if os.environ.get('RANK') == '1':\n"
+        "            raise ValueError('only process 1 breaks')\n"
+        "        return super().observe()\n",
+        encoding="utf-8",
+    )
+    argv = _env_args(
+        tmp_path / "run",
+        "ppo.total_updates=2",
+        "environment.entrypoint=rank_env:RankEnv",
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
+        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("error: process 1: ") and "only process 1 breaks" in errors[0]
+    assert "RankEnv.observe" in errors[0] and "Traceback" not in r.stderr

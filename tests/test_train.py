@@ -155,7 +155,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     monkeypatch.setattr(algo, "policy_loss", poisoned)
     with pytest.raises(RuntimeFailure) as e:
         trainer.run()
-    assert "not a number" in e.value.message
+    assert "nan (not finite)" in e.value.message
     assert "checkpoint-1" in (e.value.hint or "")
     assert (tmp_path / "run" / "checkpoint-1" / "COMPLETE").is_file()
 

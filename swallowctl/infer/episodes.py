@@ -21,7 +21,7 @@ import contextlib
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -254,11 +254,15 @@ def play_episodes(
     concurrency: int = 8,
     max_steps: int = 100,
     on_step: Callable[[EpisodeStep], None] | None = None,
+    graded: bool = False,
+    info_keys: Iterable[str] = (),
 ) -> EpisodesReport:
     """Play the episodes numbered `episodes` to their end with `generate`'s answers.
 
     Each episode ends when the environment says done, at an output error it is not stepped with,
     or after `max_steps` steps. `on_step` sees every step as it happens (in round order).
+    `graded` and `info_keys` carry what training already knows of the environment (it reports
+    info['correct']; these info keys), so the report has those metrics even when no step did.
 
     Raises:
         RuntimeFailure: an environment call failed, timed out or returned a wrong type, naming
@@ -271,7 +275,6 @@ def play_episodes(
     envs = [construct(cls, settings, sections) for _ in range(min(parallel, len(queue)))]
     outcomes: list[StepOutcome] = []
     texts: list[str] = []
-    graded = False
     with concurrent.futures.ThreadPoolExecutor(max(concurrency, 1), "episode") as pool:
 
         def each(fn: Callable[..., Any], *columns: Sequence[Any]) -> list[Any]:
@@ -318,7 +321,7 @@ def play_episodes(
             for env in envs:
                 close(env, f"{player.name}.close", policy.timeout_s)
     report.episodes.sort(key=lambda e: e.index)
-    report.tally = env_tally(outcomes, texts, mode, graded=graded)
+    report.tally = env_tally(outcomes, texts, mode, graded=graded, info_keys=info_keys)
     return report
 
 

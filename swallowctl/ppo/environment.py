@@ -495,6 +495,9 @@ class EnvPool:
         # Set once a step reports info["correct"]: from then on every window is graded, so a
         # window of nothing but output errors shows accuracy 0, not "no value".
         self.reports_correct = False
+        # Numeric info keys seen so far: later windows log them too (no value when no step
+        # reported them), so every metrics line has the same env/info/* keys once they appear.
+        self.info_keys: set[str] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="env"
         )
@@ -586,6 +589,7 @@ class EnvPool:
             slot.steps += 1
             slot.ret += result.reward
             self.reports_correct = self.reports_correct or CORRECT_KEY in result.info
+            self.info_keys.update(numeric_info(result.info))
             if result.done:
                 outcome.finished = (slot.ret, slot.steps)
             slot.pending = self._executor.submit(self._next_observation, slot, result.done)
@@ -630,6 +634,8 @@ class EnvPool:
             "seed": self.seed,
             "rank": self.rank,
             "cursor": self.cursor,
+            "reports_correct": self.reports_correct,
+            "info_keys": sorted(self.info_keys),
             "slots": slots,
         }
 
@@ -650,6 +656,8 @@ class EnvPool:
         if state.get("class") != self.name:
             log.warning("checkpoint environment %s is now %s", state.get("class"), self.name)
         self.cursor = int(state["cursor"])
+        self.reports_correct = bool(state.get("reports_correct", False))
+        self.info_keys = set(state.get("info_keys", ()))
         restarted = 0
         for slot, s in zip(self.slots, saved, strict=True):
             slot.episode = int(s["episode"])
@@ -795,9 +803,17 @@ def choice_metrics(
 
 
 def env_tally(
-    outcomes: Sequence[StepOutcome], texts: Sequence[str], mode: ModeSpec, *, graded: bool = False
+    outcomes: Sequence[StepOutcome],
+    texts: Sequence[str],
+    mode: ModeSpec,
+    *,
+    graded: bool = False,
+    info_keys: Iterable[str] = (),
 ) -> Tally:
-    """`env_metrics` as a tally, to merge across processes before taking the means."""
+    """`env_metrics` as a tally, to merge across processes before taking the means.
+
+    `info_keys`: `env/info/<key>` to include even when no step reported it (no value then).
+    """
     stepped = [o for o in outcomes if o.reward is not None]
     finished = [o.finished for o in outcomes if o.finished is not None]
     out: dict[str, tuple[float, float]] = {
@@ -808,7 +824,7 @@ def env_tally(
         "env/episode_length": (float(sum(n for _, n in finished)), float(len(finished))),
         "env/step_s": (sum(o.seconds for o in stepped), float(len(stepped))),
     }
-    info: dict[str, list[float]] = {}
+    info: dict[str, list[float]] = {k: [] for k in sorted(info_keys)}
     for o in stepped:
         for k, v in numeric_info(o.info).items():
             info.setdefault(k, []).append(v)

@@ -429,6 +429,8 @@ class PPOTrainer:
 
         t0 = time.perf_counter()
         b = self._together(self._any_rollout)  # a reward function or environment may fail
+        if "tally" in b:  # merged (a collective) only once every process got this far
+            b["metrics"] = {**self._merged(b.pop("tally")), **b["metrics"]}
         t1 = time.perf_counter()
         stats = self._optimize(b)
         t2 = time.perf_counter()
@@ -444,7 +446,10 @@ class PPOTrainer:
             stats["memory/peak_bytes"] = float(torch.cuda.max_memory_allocated())
         self._update_controllers(stats)
         if self._eval_due(update):
-            stats.update(self._reduce(self._together(self._evaluate)))
+            if self.env_pool is None:
+                stats.update(self._reduce(self._together(self._evaluate)))
+            else:  # as above: episodes may fail on one process; merge after they all played
+                stats.update(self._env_eval_metrics(self._together(self._env_evaluate)))
         # The main process writes; if its disk fails, the others must not wait on it.
         self._together(lambda: self._log(update, stats, b["samples"]), main_only=True)
         return stats
@@ -604,9 +609,9 @@ class PPOTrainer:
             components.update(extra[1])
         elif self.cfg.ppo.missing_eos_penalty is not None:
             scores = scores - self.cfg.ppo.missing_eos_penalty * (~batch.finished).float()
-        metrics = self._merged(env_tally(outcomes, texts, mode, graded=pool.reports_correct))
-        metrics["env/observe_wait_s"] = t_observed - t0
-        metrics["env/step_wait_s"] = t_done - t_waiting
+        tally = env_tally(
+            outcomes, texts, mode, graded=pool.reports_correct, info_keys=pool.info_keys
+        )
         return {
             "batch": batch,
             "logprobs": logprobs,
@@ -614,7 +619,11 @@ class PPOTrainer:
             "ref_logprobs": ref_logprobs,
             "scores": scores,
             "components": components,
-            "metrics": metrics,
+            "tally": tally,
+            "metrics": {
+                "env/observe_wait_s": t_observed - t0,
+                "env/step_wait_s": t_done - t_waiting,
+            },
             "samples": [
                 {
                     # What the policy saw (the mode's layout of the observation).
@@ -714,8 +723,6 @@ class PPOTrainer:
 
     def _evaluate(self) -> dict[str, float]:
         """Greedy answers to a fixed eval set, scored by the same rewards: `eval/*` metrics."""
-        if self.env_pool is not None:
-            return self._env_evaluate()
         rows = self.eval_rows
         batch = self._greedy([r.messages for r in rows])
         texts = self.tokenizer.batch_decode(batch.response, skip_special_tokens=True)
@@ -726,8 +733,9 @@ class PPOTrainer:
             out[f"eval/{label}"] = sum(finite) / len(finite) if finite else float("nan")
         return out
 
-    def _env_evaluate(self) -> dict[str, float]:
-        """Greedy episodes in fresh environments, the same seeds every time: `eval/*` metrics.
+    def _env_evaluate(self) -> Any:
+        """Greedy episodes in fresh environments, the same seeds every time: this process's
+        tally (`_env_eval_metrics` makes the `eval/*` metrics of every process's).
 
         `per_device_eval_batch_size` episodes per process, played side by side (process r plays
         episodes r, r + P, ...); the training pool is not touched. `eval/score` is the mean
@@ -757,8 +765,13 @@ class PPOTrainer:
             policy=CallPolicy(timeout_s=env.timeout_s, retries=env.retries),
             parallel=size,
             concurrency=env.concurrency,
+            graded=self.env_pool.reports_correct,
+            info_keys=self.env_pool.info_keys,
         )
-        out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(report.tally).items()}
+        return report.tally
+
+    def _env_eval_metrics(self, tally: Any) -> dict[str, float]:
+        out = {f"eval/{k.removeprefix('env/')}": v for k, v in self._merged(tally).items()}
         out["eval/score"] = out["eval/episode_return"]
         return out
 
@@ -925,9 +938,10 @@ class PPOTrainer:
     def _nan_error(self, value: float) -> SwallowError:
         last = checkpoint.latest(self.run_dir)
         return RuntimeFailure(
-            f"the loss became {value} (not a number); training stopped before applying it",
+            f"the loss became {value} (not finite); training stopped before applying it",
             hint=(f"the last good checkpoint is {last}; " if last else "")
-            + "lower ppo.lr or ppo.cliprange, check the rewards for inf/NaN, then --resume",
+            # inf/NaN rewards never get this far (refused, or "no value"): a huge one does.
+            + "lower ppo.lr or ppo.cliprange, check the rewards' scale, then --resume",
         )
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
