@@ -57,6 +57,23 @@ def swallowctl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[
     )
 
 
+def _errors_of_a_failing_pair(tmp_path: Path, argv: list[str], timeout: float) -> list[str]:
+    """Run `argv` in 2 processes with the user code written to `tmp_path`; the run must fail
+    (exit 1) with no traceback and no final/. Its `error:` lines. `timeout`: a hang ends there."""
+    r = subprocess.run(
+        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
+        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run" / "final").exists()
+    return [line for line in r.stderr.splitlines() if line.startswith("error:")]
+
+
 def metrics(run: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -187,20 +204,9 @@ def test_a_reward_failing_in_one_process_ends_both_with_one_line(tmp_path: Path)
         encoding="utf-8",
     )
     argv = _args(tmp_path / "run", "rewards.0.function=rank_reward:score", "rewards.0.retries=0")
-    r = subprocess.run(
-        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
-        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,  # a hang would end here; both processes stop at the same update
-    )
-    assert r.returncode == 1, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr
+    errors = _errors_of_a_failing_pair(tmp_path, argv, timeout=240)
+    assert len(errors) == 1, errors
     assert errors[0].startswith("error: process 1: reward") and "only process 1 breaks" in errors[0]
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "run" / "final").exists()
 
 
 def test_launch_arguments_map_our_flags_to_accelerate(tmp_path: Path) -> None:
@@ -320,21 +326,10 @@ def test_a_loss_overflowing_in_one_process_ends_both_with_one_line(tmp_path: Pat
     argv = _env_args(
         tmp_path / "run", "ppo.total_updates=2", 'rewards=[{function: "rank_reward:score"}]'
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
-        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,  # a hang would end here
-    )
-    assert r.returncode == 1, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    errors = _errors_of_a_failing_pair(tmp_path, argv, timeout=240)
     assert errors == [
         "error: process 1: the loss became inf (not finite); training stopped before applying it"
-    ], r.stderr
-    assert "Traceback" not in r.stderr
-    assert not (tmp_path / "run" / "final").exists()
+    ]
     assert metrics(tmp_path / "run") == []  # stopped before update 1 was applied or logged
 
 
@@ -356,16 +351,7 @@ def test_an_environment_failing_in_one_process_ends_both_with_one_line(tmp_path:
         "ppo.total_updates=2",
         "environment.entrypoint=rank_env:RankEnv",
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "swallowctl", *argv, "--num-processes", "2"],
-        env={**_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 1, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr
+    errors = _errors_of_a_failing_pair(tmp_path, argv, timeout=120)
+    assert len(errors) == 1, errors
     assert errors[0].startswith("error: process 1: ") and "only process 1 breaks" in errors[0]
-    assert "RankEnv.observe" in errors[0] and "Traceback" not in r.stderr
+    assert "RankEnv.observe" in errors[0]
